@@ -1,0 +1,606 @@
+"""FusedOptimizer: the segment engine shared by every fused algorithm.
+
+A *segment* is the params of one param group that share device and (real) dtype. Per segment the
+optimizer owns one flat buffer per state key; ``state[p][key]`` is a view into it, with ``p``'s
+shape and strides, so ``state_dict()`` has torch's layout and a checkpoint moves both ways between
+torch.optim and fused_optim. Step counts live in one flat CPU buffer per segment, and
+``state[p]["step"]`` is a 0-dim view into it: advancing 1,000 steps is one tensor op instead of
+1,000 (``torch._foreach_add_`` over 1,000 CPU scalars takes about a millisecond).
+
+Each ``step()`` runs one kernel launch per segment. Its device tables (param/grad addresses, state
+offsets, blocks) are cached in a *plan* keyed on the params' and grads' storage addresses, so a
+steady training loop rebuilds nothing and copies nothing to the device. Everything that can fail
+(sparse grads, unsupported dtypes, options, malformed state) is checked for every group before the
+first param of any group changes.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.optim import Optimizer
+
+from .kernels import INTERPRETED
+from .kernels._tables import ALIGN, VEC_BYTES, Tables, build_tables, scalar_table
+
+__all__ = ["FusedOptimizer"]
+
+_data_ptr = torch.Tensor.data_ptr
+_MISSING = object()
+_REAL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_COMPLEX_DTYPES = {torch.complex64: torch.float32, torch.complex128: torch.float64}
+
+
+# --------------------------------------------------------------------------------------------
+# State containers that notice replaced entries.
+#
+# The flat buffers hold the truth only while state[p][key] is our view. Checking that for every
+# param on every step would cost more than the rest of step() together, so the containers flag
+# writes instead: an entry replaced, deleted or added marks the optimizer dirty, and the next step
+# copies whatever the state now holds into fresh flat buffers. They pickle and deepcopy as plain
+# dicts, so a saved state_dict never needs fused_optim to load.
+# --------------------------------------------------------------------------------------------
+class _Tracker:
+    __slots__ = ("dirty",)
+
+    def __init__(self) -> None:
+        self.dirty = False
+
+
+class _ParamState(dict):
+    __slots__ = ("_tracker",)
+
+    def __init__(self, tracker: _Tracker, *args, **kwargs) -> None:
+        dict.__init__(self, *args, **kwargs)
+        self._tracker = tracker
+
+    def __setitem__(self, key, value) -> None:
+        if dict.get(self, key, _MISSING) is not value:
+            self._tracker.dirty = True
+        dict.__setitem__(self, key, value)
+
+    def __delitem__(self, key) -> None:
+        self._tracker.dirty = True
+        dict.__delitem__(self, key)
+
+    def _changed(method):  # a decorator for the methods below
+        def wrapper(self, *args, **kwargs):
+            self._tracker.dirty = True
+            return method(self, *args, **kwargs)
+
+        return wrapper
+
+    clear = _changed(dict.clear)
+    pop = _changed(dict.pop)
+    popitem = _changed(dict.popitem)
+    setdefault = _changed(dict.setdefault)
+    update = _changed(dict.update)
+    __ior__ = _changed(dict.__ior__)
+    del _changed
+
+    def __reduce__(self):
+        return (dict, (dict(self),))
+
+
+class _TrackedState(defaultdict):
+    def __init__(self, tracker: _Tracker, items=()) -> None:
+        super().__init__(None)
+        self._tracker = tracker
+        for key, value in dict(items).items():
+            dict.__setitem__(self, key, value if isinstance(value, _ParamState) else _ParamState(tracker, value))
+
+    def __missing__(self, key):
+        value = _ParamState(self._tracker)
+        dict.__setitem__(self, key, value)
+        return value
+
+    def __setitem__(self, key, value) -> None:
+        self._tracker.dirty = True
+        if not isinstance(value, _ParamState) and isinstance(value, dict):
+            value = _ParamState(self._tracker, value)
+        dict.__setitem__(self, key, value)
+
+    def __delitem__(self, key) -> None:
+        self._tracker.dirty = True
+        dict.__delitem__(self, key)
+
+    def clear(self) -> None:
+        self._tracker.dirty = True
+        dict.clear(self)
+
+    def pop(self, *args):
+        self._tracker.dirty = True
+        return dict.pop(self, *args)
+
+    def update(self, *args, **kwargs) -> None:
+        self._tracker.dirty = True
+        for key, value in dict(*args, **kwargs).items():
+            self[key] = value
+
+    def __reduce__(self):
+        return (defaultdict, (dict,), None, None, iter((k, dict(v)) for k, v in self.items()))
+
+
+# --------------------------------------------------------------------------------------------
+# Layout helpers
+# --------------------------------------------------------------------------------------------
+def _real(t: torch.Tensor) -> torch.Tensor:
+    """Complex tensors are updated as their real view, as torch.optim does."""
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def _real_dtype(dtype: torch.dtype) -> torch.dtype:
+    return _COMPLEX_DTYPES.get(dtype, dtype)
+
+
+def _layout_dims(shape, strides):
+    return sorted((st, sz) for sz, st in zip(shape, strides) if sz != 1)
+
+
+def _is_dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense: the elements fill ``numel`` consecutive slots in some order."""
+    if t.is_contiguous() or t.numel() == 0:
+        return True
+    expected = 1
+    for stride, size in _layout_dims(t.shape, t.stride()):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _contiguous_strides(shape) -> tuple[int, ...]:
+    strides, acc = [], 1
+    for size in reversed(shape):
+        strides.append(acc)
+        acc *= max(size, 1)
+    return tuple(reversed(strides))
+
+
+def _same_layout(t: torch.Tensor, strides) -> bool:
+    """``t`` is dense and visits elements in the same memory order as a region with ``strides``."""
+    return _is_dense(t) and _layout_dims(t.shape, t.stride()) == _layout_dims(t.shape, strides)
+
+
+def _as_float(x) -> float:
+    return float(x.item()) if isinstance(x, torch.Tensor) else float(x)
+
+
+def _scalar_dtype() -> torch.dtype:
+    # torch.optim keeps step counts in float32, or float64 when that is the default dtype.
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+class _Segment:
+    """Params of one group with one device and real dtype, and the flat state they own."""
+
+    def __init__(self, key, members: list[torch.Tensor], group_index: list[int], tensor_keys, scalar_keys):
+        self.key = key
+        self.device, self.dtype = key
+        self.members = members
+        self.group_index = np.asarray(group_index, dtype=np.int64)  # position of each member in the group
+        self.tensor_keys = tuple(tensor_keys)
+        self.scalar_keys = tuple(scalar_keys)
+        self.shapes, self.strides, self.dense = [], [], []
+        offsets, total = [], 0
+        for p in members:
+            real = _real(p)
+            dense = _is_dense(real)
+            self.shapes.append(tuple(real.shape))
+            # State regions copy p's memory order, so element k of p, its grad and its state
+            # share one flat index; a param that is not dense is staged through a contiguous copy.
+            self.strides.append(tuple(real.stride()) if dense else _contiguous_strides(real.shape))
+            self.dense.append(dense)
+            offsets.append(total)
+            total += -(-real.numel() // ALIGN) * ALIGN
+        self.offsets = np.asarray(offsets, dtype=np.int64)
+        self.numels = np.asarray([_real(p).numel() for p in members], dtype=np.int64)
+        self.flat = {k: torch.zeros(total, dtype=self.dtype, device=self.device) for k in self.tensor_keys}
+        self.scalars = {k: torch.zeros(len(members), dtype=_scalar_dtype()) for k in self.scalar_keys}
+        self.scalars_np = {k: v.numpy() for k, v in self.scalars.items()}
+
+    def region(self, i: int, key: str) -> torch.Tensor:
+        """Member ``i``'s region of ``key`` in its real dtype and layout."""
+        return self.flat[key].as_strided(self.shapes[i], self.strides[i], int(self.offsets[i]))
+
+    def view(self, i: int, key: str) -> torch.Tensor:
+        """The tensor stored as ``state[member][key]``: shaped and typed like the member."""
+        region = self.region(i, key)
+        return torch.view_as_complex(region) if self.members[i].is_complex() else region
+
+
+@dataclass
+class _Launch:
+    """One segment's work in one step: which members have grads, and the device tables."""
+
+    seg: _Segment
+    rows: np.ndarray  # member indices with a grad this step
+    all_rows: bool
+    rows_t: torch.Tensor | None
+    tables: Tables | None  # None: the segment's device runs torch's implementation
+    stage_params: list = field(default_factory=list)  # (member index, buffer)
+    stage_grads: list = field(default_factory=list)  # (group position, buffer)
+
+
+@dataclass
+class _Plan:
+    pkey: tuple
+    gkey: tuple
+    keys: tuple
+    launches: list
+
+
+class _GroupCache:
+    __slots__ = ("group", "plan", "segments")
+
+    def __init__(self, group) -> None:
+        self.group = group
+        self.segments: dict = {}
+        self.plan: _Plan | None = None
+
+
+_warned_fallback = False
+
+
+def _warn_fallback(device: torch.device) -> None:
+    global _warned_fallback
+    if not _warned_fallback:
+        _warned_fallback = True
+        warnings.warn(
+            f"fused_optim: parameters on {device.type} run through torch.optim's own implementation "
+            "(the Triton kernels need CUDA, or TRITON_INTERPRET=1 set before importing fused_optim "
+            "to run them on CPU through Triton's interpreter).",
+            stacklevel=4,
+        )
+
+
+class FusedOptimizer(Optimizer):
+    """Base class of the fused optimizers; subclasses describe one algorithm.
+
+    A subclass provides:
+
+    * ``_tensor_state_keys(group)``: the per-element state keys, in torch's order;
+    * ``_scalar_state_keys``: per-parameter scalar state kept on the host (``("step",)``);
+    * ``_step_scalars(group, step)``: the step-dependent scalars of one step value (bias
+      corrections), computed in float64 as torch's single-tensor code does;
+    * ``_launch(group, launch, step_scalars)``: the kernel launch for one segment;
+    * ``_reference(group, params, grads, states)``: torch's own implementation, for devices
+      the kernels cannot run on;
+    * ``_sparse_error``: torch's message for sparse gradients.
+
+    Arguments shared by every fused optimizer: ``foreach`` and ``fused`` are accepted for
+    signature compatibility with torch.optim and change nothing (the update is always one fused
+    launch per segment); ``capturable=True`` and ``differentiable=True`` raise
+    ``NotImplementedError``.
+    """
+
+    _scalar_state_keys: tuple[str, ...] = ("step",)
+    _sparse_error = "fused_optim does not support sparse gradients"
+    _block = 1024  # elements per program
+    _num_warps = 4
+
+    def __init__(self, params, defaults: dict) -> None:
+        super().__init__(params, defaults)
+        self._reset_engine()
+
+    # --- subclass interface ------------------------------------------------------------------
+    def _tensor_state_keys(self, group) -> tuple[str, ...]:
+        raise NotImplementedError
+
+    def _init_region(self, group, key: str, region: torch.Tensor, param: torch.Tensor) -> None:
+        """Initial value of a fresh state region (torch's lazy state initialization)."""
+        region.zero_()
+
+    def _step_scalars(self, group, step: float) -> tuple[float, ...]:
+        return ()
+
+    def _launch(self, group, launch: _Launch, step_scalars) -> None:
+        raise NotImplementedError
+
+    def _reference(self, group, params, grads, states) -> None:
+        raise NotImplementedError
+
+    # --- engine state ------------------------------------------------------------------------
+    def _reset_engine(self) -> None:
+        tracker = getattr(self, "_tracker", None) or _Tracker()
+        self._tracker = tracker
+        if not isinstance(self.state, _TrackedState) or self.state._tracker is not tracker:
+            self.state = _TrackedState(tracker, self.state)
+        self._caches: dict[int, _GroupCache] = {}
+        tracker.dirty = True
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._reset_engine()
+
+    def _check_options(self, group) -> None:
+        name = type(self).__name__
+        for option in ("capturable", "differentiable"):
+            if group.get(option):
+                raise NotImplementedError(f"fused_optim.{name} does not implement {option}=True")
+
+    # --- step ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform a single optimization step.
+
+        Args:
+            closure (Callable, optional): A closure that reevaluates the model and returns the loss.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if not isinstance(self.state, _TrackedState) or self.state._tracker is not self._tracker:
+            self._reset_engine()  # the state container itself was replaced
+        # Phase 1 checks every group and raises before anything is modified.
+        work = [self._prepare(i, group) for i, group in enumerate(self.param_groups)]
+        if self._tracker.dirty or any(plan is None for plan, _, _, _ in work):
+            self._rebuild(work)
+        # Phase 2 updates.
+        for (plan, grads, _, _), group in zip(work, self.param_groups):
+            for launch in plan.launches:
+                self._run(group, launch, grads)
+        return loss
+
+    def _prepare(self, index: int, group):
+        """(cached plan or None, grads, pkey, gkey) for one group; validates whenever the cache misses."""
+        self._check_options(group)
+        params = group["params"]
+        grads = [p.grad for p in params]
+        try:
+            gkey = tuple(map(_data_ptr, grads))  # fails on a None or sparse grad
+        except (TypeError, RuntimeError):
+            gkey = tuple(0 if g is None or g.layout != torch.strided else g.data_ptr() for g in grads)
+        try:
+            pkey = tuple(map(_data_ptr, params))
+        except RuntimeError:
+            pkey = None
+        cache = self._caches.get(index)
+        plan = cache.plan if cache is not None and cache.group is group else None
+        if (
+            plan is not None
+            and not self._tracker.dirty
+            and plan.pkey == pkey
+            and plan.gkey == gkey
+            and plan.keys == self._tensor_state_keys(group)
+        ):
+            return plan, grads, pkey, gkey
+        self._validate(index, group, grads)
+        return None, grads, pkey, gkey
+
+    def _validate(self, index: int, group, grads) -> None:
+        name = type(self).__name__
+        params = group["params"]
+        if len({id(p) for p in params}) != len(params):
+            raise NotImplementedError(f"fused_optim.{name}: a param group lists the same parameter twice")
+        for i, (p, g) in enumerate(zip(params, grads)):
+            if g is not None and g.layout != torch.strided:
+                raise RuntimeError(self._sparse_error)
+            if p.dtype not in _REAL_DTYPES and p.dtype not in _COMPLEX_DTYPES:
+                raise NotImplementedError(
+                    f"fused_optim.{name}: parameter {i} of param group {index} has dtype {p.dtype}; "
+                    "supported are float32, float64, float16, bfloat16, complex64 and complex128"
+                )
+            if g is not None and (g.dtype != p.dtype or g.shape != p.shape or g.device != p.device):
+                raise RuntimeError(
+                    f"fused_optim.{name}: the grad of parameter {i} of param group {index} "
+                    f"({g.dtype}, {tuple(g.shape)}, {g.device}) does not match the parameter "
+                    f"({p.dtype}, {tuple(p.shape)}, {p.device})"
+                )
+            state = self.state.get(p)
+            if state:
+                self._check_state(state, p, group, where=f"parameter {i} of param group {index}")
+
+    def _check_state(self, state: dict, p: torch.Tensor, group, where: str) -> None:
+        """Raise a clear error if ``state`` cannot serve as ``p``'s state under ``group``'s options."""
+        for key in self._scalar_state_keys:
+            value = state.get(key)
+            if value is None:
+                raise ValueError(f"state of {where} has no {key!r}")
+            if isinstance(value, torch.Tensor) and value.numel() != 1:
+                raise ValueError(f"state {key!r} of {where} must hold one value, got shape {tuple(value.shape)}")
+        for key in self._tensor_state_keys(group):
+            value = state.get(key)
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(f"state of {where} has no tensor {key!r} (found {type(value).__name__})")
+            if value.shape != p.shape or value.is_complex() != p.is_complex():
+                raise ValueError(
+                    f"state {key!r} of {where} has shape {tuple(value.shape)} and dtype {value.dtype}, "
+                    f"but the parameter has shape {tuple(p.shape)} and dtype {p.dtype}"
+                )
+
+    # --- layout and plans ------------------------------------------------------------------
+    def _rebuild(self, work) -> None:
+        relayout = self._tracker.dirty
+        for index, (group, (plan, grads, pkey, gkey)) in enumerate(zip(self.param_groups, work)):
+            if plan is None or relayout:
+                self._layout(index, group, grads)
+                fresh = self._caches[index].plan = self._plan(index, group, grads, pkey, gkey)
+                work[index] = (fresh, grads, pkey, gkey)
+        self._tracker.dirty = False
+
+    def _layout(self, index: int, group, grads) -> None:
+        """(Re)build the segments of a group so that every param with state or a grad is a member."""
+        cache = self._caches.get(index)
+        if cache is None or cache.group is not group:
+            cache = self._caches[index] = _GroupCache(group)
+        keys = self._tensor_state_keys(group)
+        members: dict[tuple, list[int]] = {}
+        for i, p in enumerate(group["params"]):
+            if (grads is not None and grads[i] is not None) or self.state.get(p):
+                members.setdefault((p.device, _real_dtype(p.dtype)), []).append(i)
+        params = group["params"]
+        segments = {}
+        for key, positions in members.items():
+            seg = cache.segments.get(key)
+            same = (
+                seg is not None
+                and not self._tracker.dirty
+                and seg.tensor_keys == keys
+                and len(seg.members) == len(positions)
+                and all(m is params[i] for m, i in zip(seg.members, positions))
+                and all(_real(m).stride() == st or not d for m, st, d in zip(seg.members, seg.strides, seg.dense))
+            )
+            segments[key] = seg if same else self._new_segment(group, key, [params[i] for i in positions], positions)
+        cache.segments = segments
+        cache.plan = None
+
+    def _new_segment(self, group, key, members, positions) -> _Segment:
+        keys = self._tensor_state_keys(group)
+        seg = _Segment(key, members, positions, keys, self._scalar_state_keys)
+        tracker = self._tracker
+        for i, p in enumerate(members):
+            old = self.state.get(p) or {}
+            for k in keys:
+                src = old.get(k)
+                region = seg.region(i, k)
+                if src is None:
+                    self._init_region(group, k, region, p)
+                else:
+                    region.copy_(_real(src))
+            for k in self._scalar_state_keys:
+                seg.scalars[k][i] = _as_float(old[k]) if k in old else 0.0
+            new = _ParamState(tracker)
+            for k in self._scalar_state_keys:
+                dict.__setitem__(new, k, seg.scalars[k][i])
+            for k in keys:
+                dict.__setitem__(new, k, seg.view(i, k))
+            for k, v in old.items():  # keep keys this configuration does not use
+                if k not in new:
+                    dict.__setitem__(new, k, v)
+            dict.__setitem__(self.state, p, new)
+        return seg
+
+    def _plan(self, index: int, group, grads, pkey, gkey) -> _Plan:
+        launches = []
+        for seg in self._caches[index].segments.values():
+            rows = np.asarray([i for i, g in enumerate(seg.group_index) if grads[g] is not None], dtype=np.int64)
+            if len(rows) == 0:
+                continue
+            all_rows = len(rows) == len(seg.members)
+            launch = _Launch(seg, rows, all_rows, None if all_rows else torch.from_numpy(rows), None)
+            device = seg.device
+            uses_triton = (device.type == "cuda" and not INTERPRETED) or (device.type == "cpu" and INTERPRETED)
+            if uses_triton:
+                launch.tables = self._tables(seg, rows, grads, launch)
+            else:
+                _warn_fallback(device)
+            launches.append(launch)
+        return _Plan(pkey, gkey, self._tensor_state_keys(group), launches)
+
+    def _tables(self, seg: _Segment, rows: np.ndarray, grads, launch: _Launch) -> Tables:
+        n = len(rows)
+        p_addr = np.empty(n, dtype=np.int64)
+        g_addr = np.empty(n, dtype=np.int64)
+        for j, i in enumerate(rows.tolist()):
+            p = _real(seg.members[i])
+            g = _real(grads[seg.group_index[i]])
+            shape, strides = seg.shapes[i], seg.strides[i]
+            if seg.dense[i]:
+                p_addr[j] = p.data_ptr()
+            else:
+                buf = torch.empty_strided(shape, strides, dtype=seg.dtype, device=seg.device)
+                launch.stage_params.append((i, buf))
+                p_addr[j] = buf.data_ptr()
+            if _same_layout(g, strides):
+                g_addr[j] = g.data_ptr()
+            else:
+                buf = torch.empty_strided(shape, strides, dtype=seg.dtype, device=seg.device)
+                launch.stage_grads.append((int(seg.group_index[i]), buf))
+                g_addr[j] = buf.data_ptr()
+        vec_ok = (p_addr % VEC_BYTES == 0) & (g_addr % VEC_BYTES == 0)
+        return build_tables(
+            p_addr,
+            g_addr,
+            seg.offsets[rows],
+            seg.numels[rows],
+            vec_ok,
+            np.zeros(n, dtype=np.int64),
+            self._block,
+            seg.device,
+        )
+
+    # --- running a launch --------------------------------------------------------------------
+    def _run(self, group, launch: _Launch, grads) -> None:
+        seg = launch.seg
+        if launch.tables is None:
+            rows = launch.rows.tolist()
+            params = [seg.members[i] for i in rows]
+            self._reference(
+                group,
+                params,
+                [grads[seg.group_index[i]] for i in rows],
+                [self.state[p] for p in params],
+            )
+            return
+        for pos, buf in launch.stage_grads:
+            buf.copy_(_real(grads[pos]))
+        for i, buf in launch.stage_params:
+            buf.copy_(_real(seg.members[i]))
+        self._launch(group, launch, self._advance(group, launch))
+        for i, buf in launch.stage_params:
+            _real(seg.members[i]).copy_(buf)
+
+    def _advance(self, group, launch: _Launch):
+        """Advance the step of the members being updated; return the step-dependent scalars, as a
+        tuple when they share one step value, else as a per-tensor float64 device table."""
+        if "step" not in launch.seg.scalars:
+            return ()
+        steps = launch.seg.scalars["step"]
+        if launch.all_rows:
+            steps.add_(1)
+            values = launch.seg.scalars_np["step"]
+        else:
+            steps.index_add_(0, launch.rows_t, torch.ones(len(launch.rows), dtype=steps.dtype))
+            values = launch.seg.scalars_np["step"][launch.rows]
+        low, high = values.min(), values.max()
+        if low == high:
+            return self._step_scalars(group, float(low))
+        distinct, inverse = np.unique(values, return_inverse=True)
+        per_step = np.asarray([self._step_scalars(group, float(s)) for s in distinct], dtype=np.float64)
+        return scalar_table(per_step[inverse], launch.seg.device)
+
+    # --- torch.optim compatibility -----------------------------------------------------------
+    def state_dict(self):
+        state_dict = super().state_dict()
+        state_dict["state"] = {k: dict(v) if isinstance(v, dict) else v for k, v in state_dict["state"].items()}
+        return state_dict
+
+    def load_state_dict(self, state_dict) -> None:
+        # The check runs as the last pre-hook, so it sees the dict the user's hooks produced and
+        # rejects it before torch modifies anything; adoption runs as the first post-hook, so the
+        # flat buffers hold the loaded values as soon as loading returns.
+        check = self.register_load_state_dict_pre_hook(FusedOptimizer._check_loadable)
+        adopt = self.register_load_state_dict_post_hook(FusedOptimizer._adopt_loaded, prepend=True)
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            check.remove()
+            adopt.remove()
+
+    @staticmethod
+    def _check_loadable(opt: FusedOptimizer, state_dict) -> None:
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(opt.param_groups) or any(
+            len(s["params"]) != len(g["params"]) for s, g in zip(saved_groups, opt.param_groups)
+        ):
+            return  # torch raises its own error for these, before modifying anything
+        for index, (saved, group) in enumerate(zip(saved_groups, opt.param_groups)):
+            options = {**group, **{k: v for k, v in saved.items() if k != "params"}}
+            opt._check_options(options)
+            for i, (pid, p) in enumerate(zip(saved["params"], group["params"])):
+                state = state_dict["state"].get(pid)
+                if state:
+                    opt._check_state(state, p, options, where=f"parameter {i} of param group {index}")
+
+    @staticmethod
+    def _adopt_loaded(opt: FusedOptimizer) -> None:
+        opt._reset_engine()
+        for index, group in enumerate(opt.param_groups):
+            opt._layout(index, group, None)
+        opt._tracker.dirty = False

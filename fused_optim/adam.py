@@ -1,0 +1,223 @@
+"""Adam and AdamW (AdamW is Adam with decoupled weight decay)."""
+
+from __future__ import annotations
+
+import torch
+
+from ._base import FusedOptimizer, _as_float
+from .kernels import adam_step
+
+__all__ = ["Adam", "AdamW"]
+
+
+def _to_scalar(x):
+    # torch.optim keeps 1-element hyperparameter tensors as 0-dim tensors.
+    return x.squeeze() if isinstance(x, torch.Tensor) and x.dim() != 0 else x
+
+
+def _check_adam_args(lr, betas, eps, weight_decay, foreach, capturable) -> None:
+    """torch.optim.Adam's argument checks, with its messages."""
+    if isinstance(lr, torch.Tensor):
+        if foreach and not capturable:
+            raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
+        if lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+    if not 0.0 <= lr:
+        raise ValueError(f"Invalid learning rate: {lr}")
+    if not 0.0 <= eps:
+        raise ValueError(f"Invalid epsilon value: {eps}")
+    if not 0.0 <= betas[0] < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+    if not 0.0 <= betas[1] < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+    if not 0.0 <= weight_decay:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+    if not (
+        (isinstance(betas[0], float) and isinstance(betas[1], float))
+        or (isinstance(betas[0], torch.Tensor) and isinstance(betas[1], torch.Tensor))
+    ):
+        raise ValueError("betas must be either both floats or both Tensors")
+    for i, beta in enumerate(betas):
+        if isinstance(beta, torch.Tensor):
+            if not capturable and foreach:
+                raise ValueError(f"betas[{i}] as a Tensor is not supported for capturable=False and foreach=True")
+            if beta.numel() != 1:
+                raise ValueError(f"Tensor betas[{i}] must be 1-element")
+
+
+class Adam(FusedOptimizer):
+    r"""Adam, with the whole update in one Triton launch per parameter segment.
+
+    Drop-in for :class:`torch.optim.Adam` (same arguments, defaults, errors, state and
+    ``state_dict``). Per element, with :math:`g` the gradient (negated if ``maximize``):
+
+    .. math::
+        g &\leftarrow g + \lambda\theta \quad\text{(L2 decay)} \qquad
+            \theta \leftarrow \theta(1 - \gamma\lambda) \quad\text{(decoupled decay)} \\
+        m &\leftarrow \beta_1 m + (1-\beta_1) g, \qquad v \leftarrow \beta_2 v + (1-\beta_2) g^2,
+            \qquad \hat v = \max(\hat v, v) \text{ if amsgrad, else } v \\
+        \theta &\leftarrow \theta - \frac{\gamma}{1-\beta_1^t}\,
+            \frac{m}{\sqrt{\hat v}/\sqrt{1-\beta_2^t} + \epsilon}
+
+    Args:
+        params: iterable of parameters or named parameters, or of dicts defining param groups.
+        lr (float, Tensor): learning rate :math:`\gamma` (default: 1e-3).
+        betas (tuple[float, float]): :math:`(\beta_1, \beta_2)` (default: (0.9, 0.999)).
+        eps (float): term added to the denominator (default: 1e-8).
+        weight_decay (float): :math:`\lambda` (default: 0).
+        amsgrad (bool): use the AMSGrad variant (default: False).
+        foreach, fused: accepted for compatibility; the update is always fused.
+        maximize (bool): maximize the objective (default: False).
+        capturable, differentiable: ``True`` raises ``NotImplementedError``.
+        decoupled_weight_decay (bool): decay the parameter directly, as AdamW (default: False).
+    """
+
+    _sparse_error = "Adam does not support sparse gradients, please consider SparseAdam instead"
+
+    def __init__(
+        self,
+        params,
+        lr: float | torch.Tensor = 1e-3,
+        betas: tuple[float | torch.Tensor, float | torch.Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        amsgrad: bool = False,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        decoupled_weight_decay: bool = False,
+    ) -> None:
+        _check_adam_args(lr, betas, eps, weight_decay, foreach, capturable)
+        if fused and differentiable:
+            raise RuntimeError("`fused` does not support `differentiable`")
+        if fused and foreach:
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+        defaults = {
+            "lr": lr,
+            "betas": tuple(map(_to_scalar, betas)),
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "amsgrad": amsgrad,
+            "maximize": maximize,
+            "foreach": foreach,
+            "capturable": capturable,
+            "differentiable": differentiable,
+            "fused": fused,
+            "decoupled_weight_decay": decoupled_weight_decay,
+        }
+        self._check_options(defaults)
+        super().__init__(params, defaults)
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("amsgrad", False)
+            group.setdefault("maximize", False)
+            group.setdefault("foreach", None)
+            group.setdefault("capturable", False)
+            group.setdefault("differentiable", False)
+            group.setdefault("decoupled_weight_decay", False)
+            group.setdefault("fused", None)
+
+    def _tensor_state_keys(self, group) -> tuple[str, ...]:
+        return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else ("exp_avg", "exp_avg_sq")
+
+    def _step_scalars(self, group, step: float) -> tuple[float, float]:
+        lr = _as_float(group["lr"])
+        beta1, beta2 = (_as_float(b) for b in group["betas"])
+        bias_correction1 = 1 - beta1**step
+        bias_correction2 = 1 - beta2**step
+        return (-(lr / bias_correction1), bias_correction2**0.5)  # -step_size, sqrt(bias_correction2)
+
+    def _launch(self, group, launch, step_scalars) -> None:
+        seg = launch.seg
+        beta1, beta2 = group["betas"]
+        adam_step(
+            launch.tables,
+            seg.flat["exp_avg"],
+            seg.flat["exp_avg_sq"],
+            seg.flat.get("max_exp_avg_sq"),
+            param_dtype=seg.dtype,
+            lr=_as_float(group["lr"]),
+            beta1=_as_float(beta1),
+            beta2=_as_float(beta2),
+            eps=_as_float(group["eps"]),
+            weight_decay=_as_float(group["weight_decay"]),
+            decoupled=bool(group["decoupled_weight_decay"]),
+            amsgrad=bool(group["amsgrad"]),
+            maximize=bool(group["maximize"]),
+            step_scalars=step_scalars,
+            num_warps=self._num_warps,
+        )
+
+    def _reference(self, group, params, grads, states) -> None:
+        from torch.optim.adam import adam
+        from torch.optim.adamw import adamw
+
+        beta1, beta2 = group["betas"]
+        (adamw if group["decoupled_weight_decay"] else adam)(
+            params,
+            grads,
+            [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states],
+            [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [],
+            [s["step"] for s in states],
+            foreach=False,
+            capturable=False,
+            differentiable=False,
+            fused=False,
+            has_complex=any(torch.is_complex(p) for p in params),
+            amsgrad=group["amsgrad"],
+            beta1=beta1,
+            beta2=beta2,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            maximize=group["maximize"],
+        )
+
+
+class AdamW(Adam):
+    r"""AdamW: :class:`Adam` with decoupled weight decay, drop-in for :class:`torch.optim.AdamW`.
+
+    Same arguments as :class:`Adam` except ``weight_decay`` defaults to 1e-2 and decay is always
+    decoupled: :math:`\theta \leftarrow \theta(1 - \gamma\lambda)` before the Adam step.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float | torch.Tensor = 1e-3,
+        betas: tuple[float | torch.Tensor, float | torch.Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+    ) -> None:
+        super().__init__(
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            amsgrad,
+            foreach=foreach,
+            maximize=maximize,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+            decoupled_weight_decay=True,
+        )
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group["decoupled_weight_decay"] = True

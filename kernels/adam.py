@@ -1,0 +1,218 @@
+"""Adam / AdamW / AMSGrad: the whole update of one segment in one launch."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._tables import (
+    Tables,
+    as_ptr,
+    compute_dtype,
+    float_bits,
+    hp,
+    ieee_div,
+    ieee_sqrt,
+    launch,
+    locate,
+    region,
+    to_storage,
+    triton_dtype,
+)
+
+_SCALARS = ["decay", "lerp_w", "beta2", "sq_w", "eps", "neg_step_size", "bc2_sqrt"]
+
+
+@triton.jit
+def _adam_block(
+    p_ptr,  # param, typed, at the tensor's first element
+    g_ptr,  # grad, same layout as the param
+    m_ptr,  # exp_avg region
+    v_ptr,  # exp_avg_sq region
+    vmax_ptr,  # max_exp_avg_sq region (AMSGRAD)
+    offs,  # element offsets of this block
+    mask,  # None on the full-block path
+    decay,  # 1 - lr * weight_decay (DECOUPLED) or weight_decay, in C_DTYPE like every scalar below
+    lerp_w,  # 1 - beta1
+    beta2,  # beta2
+    sq_w,  # 1 - beta2
+    eps,  # eps
+    neg_step,  # -lr / (1 - beta1 ** step)
+    bc2s,  # sqrt(1 - beta2 ** step)
+    P_DTYPE: tl.constexpr,
+    S_DTYPE: tl.constexpr,
+    C_DTYPE: tl.constexpr,
+    WEIGHT_DECAY: tl.constexpr,
+    DECOUPLED: tl.constexpr,
+    AMSGRAD: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+):
+    p = tl.load(p_ptr + offs, mask=mask).to(C_DTYPE)
+    g = tl.load(g_ptr + offs, mask=mask).to(C_DTYPE)
+    m = tl.load(m_ptr + offs, mask=mask).to(C_DTYPE)
+    v = tl.load(v_ptr + offs, mask=mask).to(C_DTYPE)
+    if MAXIMIZE:
+        g = -g
+    if WEIGHT_DECAY:
+        if DECOUPLED:
+            p = p * decay  # param.mul_(1 - lr * weight_decay)
+        else:
+            g = tl.fma(decay, p, g)  # grad.add(param, alpha=weight_decay)
+    # exp_avg.lerp_(grad, 1 - beta1), in torch's two-sided form (exact at weight 0 and 1)
+    small = lerp_w < 0.5
+    coef = tl.where(small, lerp_w, lerp_w - 1.0)
+    m = tl.fma(coef, g - m, tl.where(small, m, g))
+    # exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    v = tl.fma(sq_w * g, g, v * beta2)
+    if AMSGRAD:
+        vmax = tl.load(vmax_ptr + offs, mask=mask).to(C_DTYPE)
+        vmax = tl.maximum(vmax, v, propagate_nan=tl.PropagateNan.ALL)
+        tl.store(vmax_ptr + offs, to_storage(vmax, S_DTYPE), mask=mask)
+        denom = ieee_div(ieee_sqrt(vmax, C_DTYPE), bc2s, C_DTYPE) + eps
+    else:
+        denom = ieee_div(ieee_sqrt(v, C_DTYPE), bc2s, C_DTYPE) + eps
+    # param.addcdiv_(exp_avg, denom, value=-step_size)
+    p = p + ieee_div(neg_step * m, denom, C_DTYPE)
+    tl.store(p_ptr + offs, to_storage(p, P_DTYPE), mask=mask)
+    tl.store(m_ptr + offs, to_storage(m, S_DTYPE), mask=mask)
+    tl.store(v_ptr + offs, to_storage(v, S_DTYPE), mask=mask)
+
+
+@triton.jit(do_not_specialize=_SCALARS)
+def _adam_kernel(
+    tensor_table,  # *i64 [n, ROW]: param/grad addresses, state offset, numel, vector end, flags
+    block_table,  # *i64 [n_blocks]: tensor index << 32 | block index in the tensor
+    exp_avg,  # flat state: first moment
+    exp_avg_sq,  # flat state: second moment
+    max_exp_avg_sq,  # flat state: running max of exp_avg_sq (AMSGRAD), else any tensor
+    step_table,  # *f64 [n, 2]: per-tensor (neg_step_size, bc2_sqrt) (PER_TENSOR_STEP), else any
+    decay: tl.int64,  # 1 - lr * weight_decay (DECOUPLED) or weight_decay (L2), as float_bits
+    lerp_w: tl.int64,  # 1 - beta1
+    beta2: tl.int64,  # beta2
+    sq_w: tl.int64,  # 1 - beta2
+    eps: tl.int64,  # eps
+    neg_step_size: tl.int64,  # -lr / (1 - beta1 ** step)
+    bc2_sqrt: tl.int64,  # sqrt(1 - beta2 ** step)
+    P_DTYPE: tl.constexpr,  # param and grad element type
+    S_DTYPE: tl.constexpr,  # state element type
+    C_DTYPE: tl.constexpr,  # math type: fp32, or fp64 for fp64 params
+    WEIGHT_DECAY: tl.constexpr,  # weight_decay != 0
+    DECOUPLED: tl.constexpr,  # AdamW-style decay of the param
+    AMSGRAD: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    PER_TENSOR_STEP: tl.constexpr,  # tensors of this launch are at different steps
+    BLOCK: tl.constexpr,  # elements per program
+):
+    t, offs, p_addr, g_addr, s_off, numel, full = locate(tensor_table, block_table, BLOCK)
+    if PER_TENSOR_STEP:
+        neg_step = tl.load(step_table + 2 * t).to(C_DTYPE)
+        bc2s = tl.load(step_table + 2 * t + 1).to(C_DTYPE)
+    else:
+        neg_step = hp(neg_step_size, C_DTYPE)
+        bc2s = hp(bc2_sqrt, C_DTYPE)
+    decay_c = hp(decay, C_DTYPE)
+    lerp_c = hp(lerp_w, C_DTYPE)
+    beta2_c = hp(beta2, C_DTYPE)
+    sq_c = hp(sq_w, C_DTYPE)
+    eps_c = hp(eps, C_DTYPE)
+    if full:  # unmasked, 16-byte aligned: 128-bit accesses
+        _adam_block(
+            as_ptr(p_addr, P_DTYPE, True),
+            as_ptr(g_addr, P_DTYPE, True),
+            region(exp_avg, s_off, True),
+            region(exp_avg_sq, s_off, True),
+            region(max_exp_avg_sq, s_off, True),
+            offs,
+            None,
+            decay_c,
+            lerp_c,
+            beta2_c,
+            sq_c,
+            eps_c,
+            neg_step,
+            bc2s,
+            P_DTYPE,
+            S_DTYPE,
+            C_DTYPE,
+            WEIGHT_DECAY,
+            DECOUPLED,
+            AMSGRAD,
+            MAXIMIZE,
+        )
+    else:  # a tensor's last block, or a tensor whose address is not 16-byte aligned
+        _adam_block(
+            as_ptr(p_addr, P_DTYPE, False),
+            as_ptr(g_addr, P_DTYPE, False),
+            region(exp_avg, s_off, False),
+            region(exp_avg_sq, s_off, False),
+            region(max_exp_avg_sq, s_off, False),
+            offs,
+            offs < numel,
+            decay_c,
+            lerp_c,
+            beta2_c,
+            sq_c,
+            eps_c,
+            neg_step,
+            bc2s,
+            P_DTYPE,
+            S_DTYPE,
+            C_DTYPE,
+            WEIGHT_DECAY,
+            DECOUPLED,
+            AMSGRAD,
+            MAXIMIZE,
+        )
+
+
+def adam_step(
+    tables: Tables,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    max_exp_avg_sq: torch.Tensor | None,
+    *,
+    param_dtype: torch.dtype,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled: bool,
+    amsgrad: bool,
+    maximize: bool,
+    step_scalars: tuple[float, float] | torch.Tensor,
+    num_warps: int = 4,
+) -> None:
+    """One Adam/AdamW step over a segment.
+
+    ``step_scalars`` is ``(-lr / (1 - beta1**step), sqrt(1 - beta2**step))`` when every tensor of the
+    launch is at the same step, else a float64 device tensor holding that pair per tensor.
+    """
+    per_tensor = isinstance(step_scalars, torch.Tensor)
+    neg_step_size, bc2_sqrt = (0.0, 1.0) if per_tensor else step_scalars
+    decay = 1.0 - lr * weight_decay if decoupled else weight_decay
+    args = (
+        exp_avg,
+        exp_avg_sq,
+        max_exp_avg_sq if amsgrad else exp_avg,
+        step_scalars if per_tensor else tables.tensor_table,
+        float_bits(decay),  # 1 - lr * weight_decay, or weight_decay
+        float_bits(1.0 - beta1),  # lerp weight of exp_avg
+        float_bits(beta2),
+        float_bits(1.0 - beta2),  # addcmul value of exp_avg_sq
+        float_bits(eps),
+        float_bits(neg_step_size),  # -lr / bias_correction1
+        float_bits(bc2_sqrt),  # sqrt(bias_correction2)
+    )
+    constexprs = {
+        "P_DTYPE": triton_dtype(param_dtype),
+        "S_DTYPE": triton_dtype(exp_avg.dtype),
+        "C_DTYPE": compute_dtype(param_dtype),
+        "WEIGHT_DECAY": weight_decay != 0,
+        "DECOUPLED": decoupled,
+        "AMSGRAD": amsgrad,
+        "MAXIMIZE": maximize,
+        "PER_TENSOR_STEP": per_tensor,
+    }
+    launch(_adam_kernel, tables, args, constexprs, num_warps)

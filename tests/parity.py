@@ -1,0 +1,105 @@
+"""Parity harness shared by every algorithm's tests: fused_optim against torch.optim(foreach=False)
+on identical random inputs, comparing params and every state key after every step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+# Shapes: odd sizes, a tensor spanning several 1024-element blocks, 0-dim, empty and size-1.
+SHAPES = [(7, 13), (2500,), (3, 4, 5), (), (0,), (1, 1), (33, 65), (1,)]
+
+# (after the first step, over the run). fp32 from DESIGN.md; fp64 is the same ulp budget at
+# fp64's epsilon.
+TOL = {
+    torch.float32: ({"rtol": 1e-6, "atol": 1e-7}, {"rtol": 1e-5, "atol": 1e-6}),
+    torch.complex64: ({"rtol": 1e-6, "atol": 1e-7}, {"rtol": 1e-5, "atol": 1e-6}),
+    torch.float64: ({"rtol": 1e-14, "atol": 1e-15}, {"rtol": 1e-13, "atol": 1e-14}),
+    torch.complex128: ({"rtol": 1e-14, "atol": 1e-15}, {"rtol": 1e-13, "atol": 1e-14}),
+}
+
+
+@dataclass
+class Config:
+    desc: str
+    kwargs: dict = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        return self.desc
+
+
+def random_tensors(shapes, dtype, seed: int, device) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for shape in shapes:
+        x = torch.randn(shape, generator=gen, dtype=torch.float64 if not dtype.is_complex else torch.complex128)
+        out.append(x.to(dtype).to(device))
+    return out
+
+
+def leaves(tensors) -> list[torch.Tensor]:
+    return [t.detach().clone().requires_grad_() for t in tensors]
+
+
+def param_arg(params, groups):
+    """The ``params`` argument of an optimizer: a flat list, or groups given as (indices, options)."""
+    if groups is None:
+        return list(params)
+    return [{"params": [params[i] for i in idx], **opts} for idx, opts in groups]
+
+
+def assert_same(opt, ref_opt, params, ref_params, tol, where: str) -> None:
+    """Params and every state key of ``opt`` equal those of ``ref_opt``."""
+    for i, (p, q) in enumerate(zip(params, ref_params)):
+        torch.testing.assert_close(p, q, **tol, msg=lambda m, i=i: f"param {i} {where}: {m}")
+        mine, theirs = opt.state.get(p, {}), ref_opt.state.get(q, {})
+        assert set(mine) == set(theirs), f"param {i} {where}: state keys {sorted(mine)} vs torch {sorted(theirs)}"
+        for key, expected in theirs.items():
+            torch.testing.assert_close(
+                mine[key], expected, **tol, msg=lambda m, i=i, key=key: f"state {key!r} of param {i} {where}: {m}"
+            )
+
+
+def set_grads(params, ref_params, step: int, seed: int, grad_none=None) -> None:
+    grads = random_tensors([p.shape for p in params], params[0].dtype, seed * 1000 + step, params[0].device)
+    for i, (p, q, g) in enumerate(zip(params, ref_params, grads)):
+        if grad_none is not None and grad_none(step, i):
+            p.grad = q.grad = None
+        else:
+            p.grad, q.grad = g.clone(), g.clone()
+
+
+def run_parity(
+    fused_cls,
+    torch_cls,
+    kwargs: dict,
+    *,
+    device,
+    shapes=SHAPES,
+    dtype=torch.float32,
+    steps: int = 10,
+    grad_none=None,
+    groups=None,
+    scheduler=None,
+    seed: int = 0,
+):
+    """Train fused and torch optimizers side by side, checking parity after every step.
+
+    ``grad_none(step, i)`` leaves param ``i`` without a grad at ``step``; ``scheduler(opt)`` builds
+    an LR scheduler stepped after every optimizer step. Returns both optimizers and param lists.
+    """
+    init = random_tensors(shapes, dtype, seed, device)
+    params, ref_params = leaves(init), leaves(init)
+    opt = fused_cls(param_arg(params, groups), **kwargs)
+    ref_opt = torch_cls(param_arg(ref_params, groups), foreach=False, **kwargs)
+    scheds = (scheduler(opt), scheduler(ref_opt)) if scheduler else ()
+    first, run = TOL[dtype]
+    for step in range(steps):
+        set_grads(params, ref_params, step, seed, grad_none)
+        opt.step()
+        ref_opt.step()
+        for sched in scheds:
+            sched.step()
+        assert_same(opt, ref_opt, params, ref_params, first if step == 0 else run, f"after step {step + 1}")
+    return opt, ref_opt, params, ref_params

@@ -1,0 +1,197 @@
+"""The segment engine: launches per segment, table caching, specialization, state views."""
+
+import copy
+import pickle
+from collections import defaultdict
+
+import numpy as np
+import pytest
+import torch
+
+import fused_optim
+from fused_optim.kernels import INTERPRETED
+from fused_optim.kernels._tables import build_tables, jit_cache_size, record_launches
+from parity import SHAPES, assert_same, leaves, random_tensors, set_grads
+
+TOL = {"rtol": 1e-5, "atol": 1e-6}
+
+
+def _pair(device, shapes=SHAPES, cls="Adam", seed=0, **kwargs):
+    init = random_tensors(shapes, torch.float32, seed, device)
+    params, ref_params = leaves(init), leaves(init)
+    return (
+        getattr(fused_optim, cls)(params, **kwargs),
+        getattr(torch.optim, cls)(ref_params, foreach=False, **kwargs),
+        params,
+        ref_params,
+    )
+
+
+def test_kernels_run_not_the_fallback(device):
+    opt, _, params, _ = _pair(device)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    with record_launches() as log:
+        opt.step()
+    assert [name for name, _ in log] == ["_adam_kernel"]
+    assert INTERPRETED == (device.type == "cpu")
+
+
+def test_one_launch_per_segment(device):
+    """One launch per (device, dtype) segment per step, whatever the number of tensors."""
+    dtypes = [torch.float32, torch.bfloat16, torch.float64]
+    params = [torch.randn(3 + i, device=device, dtype=dtypes[i % 3], requires_grad=True) for i in range(300)]
+    opt = fused_optim.AdamW(params)
+    for step in range(3):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        with record_launches() as log:
+            opt.step()
+        assert len(log) == 3, f"step {step}: {len(log)} launches"
+
+
+def test_lr_every_step_compiles_nothing_new(device):
+    """A scheduler changing lr (and OneCycleLR cycling beta1) every step never changes the
+    specialization key; on CUDA the jit cache does not grow either."""
+    from fused_optim.kernels.adam import _adam_kernel
+
+    opt, _, params, _ = _pair(device, weight_decay=0.1, decoupled_weight_decay=True)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=30)
+    keys = set()
+    cache_sizes = []
+    for _ in range(12):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        with record_launches() as log:
+            opt.step()
+        sched.step()
+        keys.update(key for _, key in log)
+        if not INTERPRETED:
+            cache_sizes.append(jit_cache_size(_adam_kernel))
+    assert len({g["lr"] for g in opt.param_groups}) == 1 and opt.param_groups[0]["lr"] != 0.1
+    assert len(keys) == 1, keys
+    assert len(set(cache_sizes[1:])) <= 1, cache_sizes
+    # lr = 0 makes float bits that fit in int32: still the same key.
+    opt.param_groups[0]["lr"] = 0.0
+    with record_launches() as log:
+        opt.step()
+    assert {key for _, key in log} == keys
+
+
+def test_tables_are_cached_until_a_storage_changes(device):
+    opt, ref, params, ref_params = _pair(device, lr=0.05)
+    set_grads(params, ref_params, 0, 0)
+    opt.step()
+    ref.step()
+    plan = opt._caches[0].plan
+    assert plan is not None
+    for _ in range(1, 4):  # grads rewritten in place: same storages, same plan
+        for p, q in zip(params, ref_params):
+            g = torch.randn_like(p)
+            p.grad.copy_(g)
+            q.grad.copy_(g)
+        opt.step()
+        ref.step()
+        assert opt._caches[0].plan is plan
+    with torch.no_grad():  # a param's storage replaced: the plan is rebuilt, results still match
+        params[1].data = params[1].data.clone()
+    opt.step()
+    ref.step()
+    assert opt._caches[0].plan is not plan
+    assert_same(opt, ref, params, ref_params, TOL, "after a storage change")
+
+
+def test_tables_use_int64_offsets():
+    """Offsets past 2**31 elements survive the tables (no allocation needed to check)."""
+    big = 2**31 + 5000
+    numels = np.array([big, 3], dtype=np.int64)
+    tables = build_tables(
+        np.array([1 << 40, 2 << 40]),
+        np.array([3 << 40, 4 << 40]),
+        np.array([0, big + 11]),
+        numels,
+        np.array([True, True]),
+        np.zeros(2, dtype=np.int64),
+        1024,
+        torch.device("cpu"),
+    )
+    rows, blocks = tables.tensor_table.numpy(), tables.block_table.numpy()
+    assert rows.dtype == np.int64 and blocks.dtype == np.int64
+    assert rows[1, 2] == big + 11 and rows[0, 3] == big and rows[0, 4] == big // 1024 * 1024
+    last_of_first = blocks[-(2)]
+    assert (
+        last_of_first >> 32 == 0
+        and (last_of_first & 0xFFFFFFFF) * 1024 < big <= ((last_of_first & 0xFFFFFFFF) + 1) * 1024
+    )
+    assert blocks[-1] >> 32 == 1 and tables.n_blocks == -(-big // 1024) + 1
+
+
+def test_state_is_views_into_flat_buffers(device):
+    opt, _, params, _ = _pair(device, amsgrad=True)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    seg = next(iter(opt._caches[0].segments.values()))
+    for p in params:
+        state = opt.state[p]
+        assert state["step"].untyped_storage().data_ptr() == seg.scalars["step"].untyped_storage().data_ptr()
+        assert state["step"].device.type == "cpu" and state["step"].dim() == 0
+        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            assert state[key].untyped_storage().data_ptr() == seg.flat[key].untyped_storage().data_ptr()
+            assert state[key].shape == p.shape and state[key].dtype == p.dtype
+
+
+def test_replaced_state_entries_are_used(device):
+    """Writing a new tensor into opt.state (as some libraries do) takes effect, as in torch."""
+    opt, ref, params, ref_params = _pair(device, lr=0.05)
+    for step in range(5):
+        set_grads(params, ref_params, step, 0)
+        if step == 2:
+            for o, ps in ((opt, params), (ref, ref_params)):
+                o.state[ps[0]]["exp_avg"] = torch.full_like(ps[0], 0.5)
+                o.state[ps[6]]["step"] = torch.tensor(10.0)
+                del o.state[ps[2]]  # fresh state on the next step
+        if step == 3:
+            for o, ps in ((opt, params), (ref, ref_params)):
+                o.state[ps[1]]["exp_avg_sq"].mul_(2.0)  # in place on the view
+        opt.step()
+        ref.step()
+        assert_same(opt, ref, params, ref_params, TOL, f"after step {step + 1}")
+    for o in (opt, ref):  # the whole container replaced: fresh state everywhere
+        o.state = defaultdict(dict)
+    set_grads(params, ref_params, 9, 0)
+    opt.step()
+    ref.step()
+    assert_same(opt, ref, params, ref_params, TOL, "after resetting the state")
+
+
+def test_bad_grad_in_a_later_group_changes_nothing(device):
+    a = torch.randn(10, device=device, requires_grad=True)
+    b = torch.randn(10, device=device, requires_grad=True)
+    opt = fused_optim.Adam([{"params": [a]}, {"params": [b]}], lr=0.1)
+    a.grad = torch.randn(10, device=device)
+    b.grad = torch.randn(10, device=device).to_sparse()
+    before = a.detach().clone()
+    with pytest.raises(RuntimeError, match="Adam does not support sparse gradients"):
+        opt.step()
+    assert torch.equal(a, before) and len(opt.state[a]) == 0
+
+
+def test_deepcopy_and_pickle_continue_identically(device):
+    opt, _, params, _ = _pair(device, lr=0.05, amsgrad=True)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    clone = copy.deepcopy(opt)
+    clone_params = [p for g in clone.param_groups for p in g["params"]]
+    reloaded = pickle.loads(pickle.dumps(opt))
+    other_params = [p for g in reloaded.param_groups for p in g["params"]]
+    for p, c, r in zip(params, clone_params, other_params):
+        p.grad = torch.randn_like(p)
+        c.grad = p.grad.clone()
+        r.grad = p.grad.clone()
+    for o in (opt, clone, reloaded):
+        o.step()
+    for ps, o in ((clone_params, clone), (other_params, reloaded)):
+        assert_same(o, opt, ps, params, {"rtol": 0, "atol": 0}, "after copying")

@@ -1,0 +1,97 @@
+"""Bad input: the same errors as torch.optim where torch rejects it, NotImplementedError naming
+what fused_optim does not implement, and nothing modified when a step or a load is refused."""
+
+import pytest
+import torch
+
+import fused_optim
+
+BAD_ARGS = [
+    {"lr": -1.0},
+    {"lr": torch.tensor([0.1, 0.2])},
+    {"lr": torch.tensor(0.1), "foreach": True},
+    {"eps": -1e-8},
+    {"betas": (1.0, 0.999)},
+    {"betas": (-0.1, 0.999)},
+    {"betas": (0.9, 1.0)},
+    {"weight_decay": -0.1},
+    {"betas": (0.9, torch.tensor(0.99))},
+    {"betas": (torch.tensor(0.9), torch.tensor(0.99)), "foreach": True},
+    {"betas": (torch.tensor([0.9]), torch.tensor([0.99, 0.9]))},
+    {"fused": True, "foreach": True},
+    {"fused": True, "differentiable": True},
+]
+
+
+@pytest.mark.parametrize("kwargs", BAD_ARGS, ids=repr)
+@pytest.mark.parametrize("name", ["Adam", "AdamW"])
+def test_bad_arguments_raise_like_torch(name, kwargs):
+    with pytest.raises(Exception) as theirs:
+        getattr(torch.optim, name)([torch.zeros(2, requires_grad=True)], **kwargs)
+    with pytest.raises(Exception) as ours:
+        getattr(fused_optim, name)([torch.zeros(2, requires_grad=True)], **kwargs)
+    assert (type(ours.value), str(ours.value)) == (type(theirs.value), str(theirs.value))
+
+
+def test_bad_params_raise_like_torch():
+    for params in ([], [torch.zeros(2, requires_grad=True) * 2], torch.zeros(2)):
+        with pytest.raises(Exception) as theirs:
+            torch.optim.Adam(params)
+        with pytest.raises(Exception) as ours:
+            fused_optim.Adam(params)
+        assert (type(ours.value), str(ours.value)) == (type(theirs.value), str(theirs.value))
+
+
+@pytest.mark.parametrize("option", ["capturable", "differentiable"])
+def test_unimplemented_options_raise(option, device):
+    p = torch.randn(4, device=device, requires_grad=True)
+    with pytest.raises(NotImplementedError, match=f"{option}=True"):
+        fused_optim.Adam([p], **{option: True})
+    opt = fused_optim.AdamW([p], lr=0.1)  # set on a group after construction: refused at step
+    opt.param_groups[0][option] = True
+    p.grad = torch.randn_like(p)
+    before = p.detach().clone()
+    with pytest.raises(NotImplementedError, match=f"{option}=True"):
+        opt.step()
+    assert torch.equal(p, before)
+
+
+def test_loading_a_capturable_torch_checkpoint_is_refused(device):
+    p = torch.randn(4, device=device, requires_grad=True)
+    ref = torch.optim.Adam([p.detach().clone().requires_grad_()], capturable=device.type == "cuda")
+    state_dict = ref.state_dict()
+    state_dict["param_groups"][0]["capturable"] = True
+    opt = fused_optim.Adam([p])
+    with pytest.raises(NotImplementedError, match="capturable=True"):
+        opt.load_state_dict(state_dict)
+    assert opt.param_groups[0]["capturable"] is False
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW"])
+def test_sparse_grad_raises_like_torch(name, device):
+    def step(cls):
+        p = torch.randn(5, 3, device=device, requires_grad=True)
+        before = p.detach().clone()
+        p.grad = torch.randn(5, 3, device=device).to_sparse()
+        with pytest.raises(RuntimeError) as err:
+            cls([p]).step()
+        assert torch.equal(p, before)
+        return str(err.value)
+
+    assert step(getattr(fused_optim, name)) == step(getattr(torch.optim, name))
+
+
+def test_unsupported_dtype_raises(device):
+    p = torch.zeros(3, dtype=torch.float8_e4m3fn, device=device, requires_grad=True)
+    p.grad = torch.zeros(3, dtype=torch.float8_e4m3fn, device=device)
+    with pytest.raises(NotImplementedError, match="float8_e4m3fn"):
+        fused_optim.Adam([p]).step()
+
+
+def test_duplicate_params_raise(device):
+    p = torch.randn(3, device=device, requires_grad=True)
+    with pytest.warns(UserWarning, match="duplicate parameters"):
+        opt = fused_optim.Adam([p, p])
+    p.grad = torch.randn_like(p)
+    with pytest.raises(NotImplementedError, match="same parameter twice"):
+        opt.step()

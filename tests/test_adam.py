@@ -192,3 +192,29 @@ def test_noncontiguous_and_unaligned_params(device):
         ref.step()
         assert_same(opt, ref, params, ref_params, {"rtol": 1e-5, "atol": 1e-6}, f"after step {step + 1}")
     assert opt.state[params[1]]["exp_avg"].stride() == params[1].stride()
+
+
+def test_grad_scaler_with_inf_steps(device):
+    """torch.amp.GradScaler unscales, skips steps with inf/nan grads and adjusts its scale, as it
+    does for torch.optim."""
+    from parity import assert_same, leaves, random_tensors
+
+    init = random_tensors(SHAPES, torch.float32, 5, device)
+    runs = []
+    for params, cls in ((leaves(init), fused_optim.AdamW), (leaves(init), torch.optim.AdamW)):
+        kwargs = {} if cls is fused_optim.AdamW else {"foreach": False}
+        runs.append((params, cls(params, lr=0.05, **kwargs), torch.amp.GradScaler(device.type, init_scale=256.0)))
+    for step in range(8):
+        weights = random_tensors(SHAPES, torch.float32, 50 + step, device)
+        if step in (2, 5):
+            weights[1].view(-1)[7] = float("inf") if step == 2 else float("nan")
+        for params, opt, scaler in runs:
+            loss = sum((p * w).sum() for p, w in zip(params, weights))
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+        (ours, opt, scaler), (theirs, ref, ref_scaler) = runs
+        assert scaler.get_scale() == ref_scaler.get_scale()
+        assert_same(opt, ref, ours, theirs, {"rtol": 1e-5, "atol": 1e-6}, f"after step {step + 1}")
+    assert float(opt.state[ours[0]]["step"]) == 6  # two skipped steps

@@ -1,0 +1,1 @@
+"""Benchmarks of fused_optim; ``python -m benchmarks`` runs the main report."""

@@ -25,7 +25,7 @@ import torch
 from torch.optim import Optimizer
 
 from .kernels import INTERPRETED
-from .kernels._tables import ALIGN, VEC_BYTES, Tables, build_tables, scalar_table
+from .kernels._tables import ALIGN, VEC_BYTES, Tables, block_size, build_tables, scalar_table
 
 __all__ = ["FusedOptimizer"]
 
@@ -200,6 +200,8 @@ class _Segment:
         self.offsets = np.asarray(offsets, dtype=np.int64)
         self.numels = np.asarray([_real(p).numel() for p in members], dtype=np.int64)
         self.flat = {k: torch.zeros(total, dtype=self.dtype, device=self.device) for k in self.tensor_keys}
+        # The narrowest element of the params and states sets the block size.
+        self.flat_itemsize = min([self.dtype.itemsize] + [f.dtype.itemsize for f in self.flat.values()])
         self.scalars = {k: torch.zeros(len(members), dtype=_scalar_dtype()) for k in self.scalar_keys}
         self.scalars_np = {k: v.numpy() for k, v in self.scalars.items()}
 
@@ -280,8 +282,7 @@ class FusedOptimizer(Optimizer):
 
     _scalar_state_keys: tuple[str, ...] = ("step",)
     _sparse_error = "fused_optim does not support sparse gradients"
-    _block = 1024  # elements per program
-    _num_warps = 4
+    _num_warps = 8  # 256 threads per program; elements per program follow from the dtype (block_size)
 
     def __init__(self, params, defaults: dict) -> None:
         super().__init__(params, defaults)
@@ -521,7 +522,7 @@ class FusedOptimizer(Optimizer):
             seg.numels[rows],
             vec_ok,
             np.zeros(n, dtype=np.int64),
-            self._block,
+            block_size(self._num_warps, seg.flat_itemsize),
             seg.device,
         )
 

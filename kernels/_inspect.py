@@ -35,7 +35,7 @@ def compile_for(kernel, pointer_dtypes: dict[str, str], constexprs: dict, arch: 
     try:
         src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     except TypeError:  # Triton 3.0/3.1: index-keyed signature and constants
-        from triton.backends.compiler import AttrsDescriptor
+        from triton.compiler.compiler import AttrsDescriptor
 
         sig = {i: t for i, (n, t) in enumerate(signature.items()) if t != "constexpr"}
         consts = {names.index(k): v for k, v in constexprs.items()}
@@ -65,7 +65,7 @@ def ptxas_report(ptx: str, arch: int = 90) -> dict[str, int]:
         src = Path(tmp) / "k.ptx"
         src.write_text(ptx)
         out = subprocess.run(
-            [ptxas, f"--gpu-name={_sm_name(arch)}", "-v", str(src), "-o", str(Path(tmp) / "k.cubin")],
+            [ptxas, f"--gpu-name={_target(ptx)}", "-v", str(src), "-o", str(Path(tmp) / "k.cubin")],
             capture_output=True,
             text=True,
             check=True,
@@ -93,10 +93,6 @@ def _ptxas_path(arch: int) -> str:
     return compiler._path_to_binary("ptxas")[0]
 
 
-def _sm_name(arch: int) -> str:
-    """The architecture name Triton compiles for (``sm_90a`` for Hopper)."""
-    from triton.backends.nvidia import compiler
-
-    if hasattr(compiler, "sm_arch_from_capability"):
-        return compiler.sm_arch_from_capability(arch)
-    return f"sm_{arch}"
+def _target(ptx: str) -> str:
+    """The architecture the PTX was generated for (``sm_90a`` for Hopper)."""
+    return re.search(r"^\.target\s+(sm_\w+)", ptx, re.M).group(1)

@@ -17,8 +17,8 @@ need fp64 scalars; the kernel turns them back with ``hp``. Those arguments are n
 specialized, so no value of lr, betas or eps can cause a new compilation.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: Triton 3.0's interpreter recognizes
+# `tl.constexpr` parameters only from evaluated annotations.
 import inspect
 import struct
 from contextlib import contextmanager
@@ -33,6 +33,14 @@ ROW = 6  # columns of the tensor table
 COL_PARAM, COL_GRAD, COL_STATE, COL_NUMEL, COL_VEC_END, COL_FLAGS = range(ROW)
 ALIGN = 16  # state regions start at multiples of this many elements
 VEC_BYTES = 16  # the vectorized path needs param and grad addresses aligned to this
+
+
+def block_size(num_warps: int, itemsize: int) -> int:
+    """Elements per program: every thread moves one 16-byte vector of an array of ``itemsize``-byte
+    elements (fp32: 1,024 with 8 warps). Fewer elements per thread keep registers low (no spills
+    on the masked path); 16 bytes keeps the full-block accesses 128-bit wide."""
+    return num_warps * 32 * VEC_BYTES // itemsize
+
 
 _TRITON_DTYPES = {
     torch.float32: tl.float32,
@@ -63,6 +71,18 @@ def float_bits(x: float) -> int:
 def is_interpreted(kernel) -> bool:
     """True when ``kernel`` was decorated under TRITON_INTERPRET=1 (it then runs on CPU tensors)."""
     return type(kernel).__name__ == "InterpretedFunction"
+
+
+def jit_kernel(*, unspecialized: list[str]):
+    """``triton.jit`` for an update kernel whose ``unspecialized`` arguments (the hyperparameters)
+    Triton must never specialize on; the names are kept on the kernel for ``specialization_key``."""
+
+    def wrap(fn):
+        kernel = triton.jit(do_not_specialize=unspecialized)(fn)
+        kernel.unspecialized = tuple(unspecialized)
+        return kernel
+
+    return wrap
 
 
 @triton.jit
@@ -144,7 +164,16 @@ def locate(tensor_table, block_table, BLOCK: tl.constexpr):
 def as_ptr(addr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
     """A typed pointer from a table address; ALIGNED adds the 16-byte hint that lets the
     compiler emit 128-bit accesses (only valid on the full-block path)."""
-    ptr = addr.to(tl.pointer_type(DTYPE))
+    # Literal element types: Triton 3.0 passes DTYPE to tl.pointer_type still wrapped as a constexpr.
+    if DTYPE == tl.float32:
+        ptr = addr.to(tl.pointer_type(tl.float32))
+    elif DTYPE == tl.float64:
+        ptr = addr.to(tl.pointer_type(tl.float64))
+    elif DTYPE == tl.bfloat16:
+        ptr = addr.to(tl.pointer_type(tl.bfloat16))
+    else:
+        tl.static_assert(DTYPE == tl.float16)
+        ptr = addr.to(tl.pointer_type(tl.float16))
     if ALIGNED:
         ptr = tl.multiple_of(ptr, 16)
     return ptr
@@ -255,11 +284,11 @@ def specialization_key(kernel, args: tuple, constexprs: dict) -> tuple:
     for every runtime argument, its type plus the properties Triton specializes on (16-byte
     alignment of pointers, divisibility by 16 and equality to 1 of ints not listed in
     ``do_not_specialize``). Equal keys mean no new compilation; the interpreter compiles nothing,
-    so tests on CPU check this key, and tests on CUDA also check the real jit cache."""
+    so tests on CPU check this key, and tests on CUDA also check the real jit cache. Kernels are
+    made with ``jit_kernel``, which records the arguments Triton is told not to specialize."""
     fn = getattr(kernel, "fn", kernel)
-    all_names = list(inspect.signature(fn).parameters)
-    names = [n for n in all_names if n not in constexprs]
-    dns = set(_do_not_specialize_names(kernel, all_names))
+    names = [n for n in inspect.signature(fn).parameters if n not in constexprs]
+    dns = set(kernel.unspecialized)
     key = []
     for name, value in zip(names, args, strict=True):
         if isinstance(value, torch.Tensor):
@@ -277,13 +306,6 @@ def specialization_key(kernel, args: tuple, constexprs: dict) -> tuple:
             key.append((name, repr(value)))
     key.extend(sorted((k, repr(v)) for k, v in constexprs.items()))
     return tuple(key)
-
-
-def _do_not_specialize_names(kernel, names):
-    for item in getattr(kernel, "do_not_specialize", None) or getattr(kernel, "kwargs", {}).get(
-        "do_not_specialize", ()
-    ):
-        yield names[item] if isinstance(item, int) else item
 
 
 def jit_cache_size(kernel) -> int:

@@ -1,7 +1,7 @@
 """Adam / AdamW / AMSGrad: the whole update of one segment in one launch."""
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: Triton 3.0's interpreter recognizes
+# `tl.constexpr` parameters only from evaluated annotations.
 import torch
 import triton
 import triton.language as tl
@@ -14,6 +14,7 @@ from ._tables import (
     hp,
     ieee_div,
     ieee_sqrt,
+    jit_kernel,
     launch,
     locate,
     region,
@@ -79,7 +80,7 @@ def _adam_block(
     tl.store(v_ptr + offs, to_storage(v, S_DTYPE), mask=mask)
 
 
-@triton.jit(do_not_specialize=_SCALARS)
+@jit_kernel(unspecialized=_SCALARS)
 def _adam_kernel(
     tensor_table,  # *i64 [n, ROW]: param/grad addresses, state offset, numel, vector end, flags
     block_table,  # *i64 [n_blocks]: tensor index << 32 | block index in the tensor

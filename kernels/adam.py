@@ -27,13 +27,14 @@ _SCALARS = ["decay", "lerp_w", "beta2", "sq_w", "eps", "neg_step_size", "bc2_sqr
 
 @triton.jit
 def _adam_block(
-    p_ptr,  # param, typed, at the tensor's first element
-    g_ptr,  # grad, same layout as the param
-    m_ptr,  # exp_avg region
-    v_ptr,  # exp_avg_sq region
-    vmax_ptr,  # max_exp_avg_sq region (AMSGRAD)
-    offs,  # element offsets of this block
-    mask,  # None on the full-block path
+    p_addr,  # param address (the grad has the same layout)
+    g_addr,  # grad address
+    exp_avg,  # flat state buffers, at the segment's first element
+    exp_avg_sq,
+    max_exp_avg_sq,  # (AMSGRAD)
+    s_off,  # this tensor's offset in the flat state
+    offs,  # element offsets of this block within the tensor
+    numel,  # elements of the tensor
     decay,  # 1 - lr * weight_decay (DECOUPLED) or weight_decay, in C_DTYPE like every scalar below
     lerp_w,  # 1 - beta1
     beta2,  # beta2
@@ -48,7 +49,14 @@ def _adam_block(
     DECOUPLED: tl.constexpr,
     AMSGRAD: tl.constexpr,
     MAXIMIZE: tl.constexpr,
+    FULL: tl.constexpr,  # an unmasked block of 16-byte-aligned tensors: 128-bit accesses
 ):
+    p_ptr = as_ptr(p_addr, P_DTYPE, FULL)
+    g_ptr = as_ptr(g_addr, P_DTYPE, FULL)
+    m_ptr = region(exp_avg, s_off, FULL)
+    v_ptr = region(exp_avg_sq, s_off, FULL)
+    vmax_ptr = region(max_exp_avg_sq, s_off, FULL)
+    mask = None if FULL else offs < numel
     p = tl.load(p_ptr + offs, mask=mask).to(C_DTYPE)
     g = tl.load(g_ptr + offs, mask=mask).to(C_DTYPE)
     m = tl.load(m_ptr + offs, mask=mask).to(C_DTYPE)
@@ -117,54 +125,18 @@ def _adam_kernel(
     beta2_c = hp(beta2, C_DTYPE)
     sq_c = hp(sq_w, C_DTYPE)
     eps_c = hp(eps, C_DTYPE)
-    if full:  # unmasked, 16-byte aligned: 128-bit accesses
+    if full:
         _adam_block(
-            as_ptr(p_addr, P_DTYPE, True),
-            as_ptr(g_addr, P_DTYPE, True),
-            region(exp_avg, s_off, True),
-            region(exp_avg_sq, s_off, True),
-            region(max_exp_avg_sq, s_off, True),
-            offs,
-            None,
-            decay_c,
-            lerp_c,
-            beta2_c,
-            sq_c,
-            eps_c,
-            neg_step,
-            bc2s,
-            P_DTYPE,
-            S_DTYPE,
-            C_DTYPE,
-            WEIGHT_DECAY,
-            DECOUPLED,
-            AMSGRAD,
-            MAXIMIZE,
-        )
+            p_addr, g_addr, exp_avg, exp_avg_sq, max_exp_avg_sq, s_off, offs, numel,
+            decay_c, lerp_c, beta2_c, sq_c, eps_c, neg_step, bc2s,
+            P_DTYPE, S_DTYPE, C_DTYPE, WEIGHT_DECAY, DECOUPLED, AMSGRAD, MAXIMIZE, True,
+        )  # fmt: skip
     else:  # a tensor's last block, or a tensor whose address is not 16-byte aligned
         _adam_block(
-            as_ptr(p_addr, P_DTYPE, False),
-            as_ptr(g_addr, P_DTYPE, False),
-            region(exp_avg, s_off, False),
-            region(exp_avg_sq, s_off, False),
-            region(max_exp_avg_sq, s_off, False),
-            offs,
-            offs < numel,
-            decay_c,
-            lerp_c,
-            beta2_c,
-            sq_c,
-            eps_c,
-            neg_step,
-            bc2s,
-            P_DTYPE,
-            S_DTYPE,
-            C_DTYPE,
-            WEIGHT_DECAY,
-            DECOUPLED,
-            AMSGRAD,
-            MAXIMIZE,
-        )
+            p_addr, g_addr, exp_avg, exp_avg_sq, max_exp_avg_sq, s_off, offs, numel,
+            decay_c, lerp_c, beta2_c, sq_c, eps_c, neg_step, bc2s,
+            P_DTYPE, S_DTYPE, C_DTYPE, WEIGHT_DECAY, DECOUPLED, AMSGRAD, MAXIMIZE, False,
+        )  # fmt: skip
 
 
 def adam_step(

@@ -16,6 +16,7 @@ first param of any group changes.
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from torch.optim import Optimizer
 from .kernels import INTERPRETED
 from .kernels._tables import ALIGN, VEC_BYTES, Tables, block_size, build_tables, scalar_table
 
-__all__ = ["FusedOptimizer"]
+__all__ = ["FusedOptimizer", "check_like_torch"]
 
 _data_ptr = torch.Tensor.data_ptr
 _MISSING = object()
@@ -260,11 +261,21 @@ def _warn_fallback(device: torch.device) -> None:
         )
 
 
+def check_like_torch(torch_cls, **kwargs) -> None:
+    """Run ``torch_cls``'s own argument checks, raising its errors with its messages for the
+    installed torch version, by building it over a placeholder parameter. Arguments that this
+    torch version does not know are left out."""
+    accepted = inspect.signature(torch_cls.__init__).parameters
+    torch_cls([torch.zeros(0, requires_grad=True)], **{k: v for k, v in kwargs.items() if k in accepted})
+
+
 class FusedOptimizer(Optimizer):
     """Base class of the fused optimizers; subclasses describe one algorithm.
 
     A subclass provides:
 
+    * ``_torch_cls``: its torch.optim counterpart, whose own checks validate the arguments
+      (``check_like_torch``), so errors and messages match the installed torch;
     * ``_tensor_state_keys(group)``: the per-element state keys, in torch's order;
     * ``_scalar_state_keys``: per-parameter scalar state kept on the host (``("step",)``);
     * ``_step_scalars(group, step)``: the step-dependent scalars of one step value (bias

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._base import FusedOptimizer, _as_float
+from ._base import FusedOptimizer, _as_float, check_like_torch
 from .kernels import adam_step
 
 __all__ = ["Adam", "AdamW"]
@@ -13,36 +13,6 @@ __all__ = ["Adam", "AdamW"]
 def _to_scalar(x):
     # torch.optim keeps 1-element hyperparameter tensors as 0-dim tensors.
     return x.squeeze() if isinstance(x, torch.Tensor) and x.dim() != 0 else x
-
-
-def _check_adam_args(lr, betas, eps, weight_decay, foreach, capturable) -> None:
-    """torch.optim.Adam's argument checks, with its messages."""
-    if isinstance(lr, torch.Tensor):
-        if foreach and not capturable:
-            raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
-        if lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
-    if not 0.0 <= lr:
-        raise ValueError(f"Invalid learning rate: {lr}")
-    if not 0.0 <= eps:
-        raise ValueError(f"Invalid epsilon value: {eps}")
-    if not 0.0 <= betas[0] < 1.0:
-        raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
-    if not 0.0 <= betas[1] < 1.0:
-        raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
-    if not 0.0 <= weight_decay:
-        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-    if not (
-        (isinstance(betas[0], float) and isinstance(betas[1], float))
-        or (isinstance(betas[0], torch.Tensor) and isinstance(betas[1], torch.Tensor))
-    ):
-        raise ValueError("betas must be either both floats or both Tensors")
-    for i, beta in enumerate(betas):
-        if isinstance(beta, torch.Tensor):
-            if not capturable and foreach:
-                raise ValueError(f"betas[{i}] as a Tensor is not supported for capturable=False and foreach=True")
-            if beta.numel() != 1:
-                raise ValueError(f"Tensor betas[{i}] must be 1-element")
 
 
 class Adam(FusedOptimizer):
@@ -72,6 +42,7 @@ class Adam(FusedOptimizer):
         decoupled_weight_decay (bool): decay the parameter directly, as AdamW (default: False).
     """
 
+    _torch_cls = torch.optim.Adam
     _sparse_error = "Adam does not support sparse gradients, please consider SparseAdam instead"
 
     def __init__(
@@ -90,11 +61,20 @@ class Adam(FusedOptimizer):
         fused: bool | None = None,
         decoupled_weight_decay: bool = False,
     ) -> None:
-        _check_adam_args(lr, betas, eps, weight_decay, foreach, capturable)
-        if fused and differentiable:
-            raise RuntimeError("`fused` does not support `differentiable`")
-        if fused and foreach:
-            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+        check_like_torch(
+            self._torch_cls,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            foreach=foreach,
+            maximize=maximize,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+            decoupled_weight_decay=decoupled_weight_decay,
+        )
         defaults = {
             "lr": lr,
             "betas": tuple(map(_to_scalar, betas)),
@@ -186,6 +166,8 @@ class AdamW(Adam):
     Same arguments as :class:`Adam` except ``weight_decay`` defaults to 1e-2 and decay is always
     decoupled: :math:`\theta \leftarrow \theta(1 - \gamma\lambda)` before the Adam step.
     """
+
+    _torch_cls = torch.optim.AdamW
 
     def __init__(
         self,

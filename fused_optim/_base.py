@@ -180,14 +180,12 @@ class _Segment:
     """Params of one group with one device and real dtype, and the flat state they own."""
 
     def __init__(self, key, members: list[torch.Tensor], group_index: list[int], tensor_keys, scalar_keys):
-        self.key = key
         self.device, self.dtype = key
         self.members = members
         self.group_index = np.asarray(group_index, dtype=np.int64)  # position of each member in the group
         self.tensor_keys = tuple(tensor_keys)
-        self.scalar_keys = tuple(scalar_keys)
         self.shapes, self.strides, self.dense = [], [], []
-        offsets, total = [], 0
+        offsets, numels, total = [], [], 0
         for p in members:
             real = _real(p)
             dense = _is_dense(real)
@@ -197,13 +195,14 @@ class _Segment:
             self.strides.append(tuple(real.stride()) if dense else _contiguous_strides(real.shape))
             self.dense.append(dense)
             offsets.append(total)
+            numels.append(real.numel())
             total += -(-real.numel() // ALIGN) * ALIGN
         self.offsets = np.asarray(offsets, dtype=np.int64)
-        self.numels = np.asarray([_real(p).numel() for p in members], dtype=np.int64)
+        self.numels = np.asarray(numels, dtype=np.int64)
         self.flat = {k: torch.zeros(total, dtype=self.dtype, device=self.device) for k in self.tensor_keys}
         # The narrowest element of the params and states sets the block size.
         self.flat_itemsize = min([self.dtype.itemsize] + [f.dtype.itemsize for f in self.flat.values()])
-        self.scalars = {k: torch.zeros(len(members), dtype=_scalar_dtype()) for k in self.scalar_keys}
+        self.scalars = {k: torch.zeros(len(members), dtype=_scalar_dtype()) for k in scalar_keys}
         self.scalars_np = {k: v.numpy() for k, v in self.scalars.items()}
 
     def region(self, i: int, key: str) -> torch.Tensor:
@@ -442,11 +441,11 @@ class FusedOptimizer(Optimizer):
         if cache is None or cache.group is not group:
             cache = self._caches[index] = _GroupCache(group)
         keys = self._tensor_state_keys(group)
+        params = group["params"]
         members: dict[tuple, list[int]] = {}
-        for i, p in enumerate(group["params"]):
+        for i, p in enumerate(params):
             if (grads is not None and grads[i] is not None) or self.state.get(p):
                 members.setdefault((p.device, _real_dtype(p.dtype)), []).append(i)
-        params = group["params"]
         segments = {}
         for key, positions in members.items():
             seg = cache.segments.get(key)

@@ -195,3 +195,31 @@ def test_deepcopy_and_pickle_continue_identically(device):
         o.step()
     for ps, o in ((clone_params, clone), (other_params, reloaded)):
         assert_same(o, opt, ps, params, {"rtol": 0, "atol": 0}, "after copying")
+
+
+def test_default_dtype_float64_keeps_steps_in_float64(device):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        opt, ref, params, ref_params = _pair(device, lr=0.05)
+        for step in range(3):
+            set_grads(params, ref_params, step, 0)
+            opt.step()
+            ref.step()
+        assert opt.state[params[0]]["step"].dtype == ref.state[ref_params[0]]["step"].dtype == torch.float64
+        assert_same(opt, ref, params, ref_params, TOL, "with float64 as the default dtype")
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def test_empty_param_group_and_no_grads(device):
+    opt, ref, params, ref_params = _pair(device, lr=0.05)
+    for o in (opt, ref):
+        o.add_param_group({"params": []})
+    opt.step()  # no grads at all: nothing happens
+    ref.step()
+    assert len(opt.state) == 0
+    set_grads(params, ref_params, 0, 0)
+    opt.step()
+    ref.step()
+    assert_same(opt, ref, params, ref_params, TOL, "with an empty group")

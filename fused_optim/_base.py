@@ -20,13 +20,14 @@ import inspect
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import torch
 from torch.optim import Optimizer
 
 from .kernels import INTERPRETED
-from .kernels._tables import ALIGN, VEC_BYTES, Tables, block_size, build_tables, scalar_table
+from .kernels._tables import ALIGN, FLAG_FRESH, VEC_BYTES, Tables, block_size, build_tables, scalar_table
 
 __all__ = ["FusedOptimizer", "check_like_torch"]
 
@@ -167,6 +168,10 @@ def _same_layout(t: torch.Tensor, strides) -> bool:
     return _is_dense(t) and _layout_dims(t.shape, t.stride()) == _layout_dims(t.shape, strides)
 
 
+def _is_dense_grad(g) -> bool:
+    return g is not None and g.layout == torch.strided
+
+
 def _as_float(x) -> float:
     return float(x.item()) if isinstance(x, torch.Tensor) else float(x)
 
@@ -203,6 +208,7 @@ class _Segment:
         # The narrowest element of the params and states sets the block size.
         self.flat_itemsize = min([self.dtype.itemsize] + [f.dtype.itemsize for f in self.flat.values()])
         self.scalars = {k: torch.zeros(len(members), dtype=_scalar_dtype()) for k in scalar_keys}
+        self.fresh: set[int] = set()  # members whose FRESH state the next launch writes
         self.scalars_np = {k: v.numpy() for k, v in self.scalars.items()}
 
     def region(self, i: int, key: str) -> torch.Tensor:
@@ -224,6 +230,7 @@ class _Launch:
     all_rows: bool
     rows_t: torch.Tensor | None
     tables: Tables | None  # None: the segment's device runs torch's implementation
+    fresh: bool = False  # some rows carry FLAG_FRESH: the tables hold for this one step only
     stage_params: list = field(default_factory=list)  # (member index, buffer)
     stage_grads: list = field(default_factory=list)  # (group position, buffer)
 
@@ -234,6 +241,7 @@ class _Plan:
     gkey: tuple
     keys: tuple
     launches: list
+    sparse: list  # group positions of params with sparse grads this step
 
 
 class _GroupCache:
@@ -276,13 +284,19 @@ class FusedOptimizer(Optimizer):
     * ``_torch_cls``: its torch.optim counterpart, whose own checks validate the arguments
       (``check_like_torch``), so errors and messages match the installed torch;
     * ``_tensor_state_keys(group)``: the per-element state keys, in torch's order;
-    * ``_scalar_state_keys``: per-parameter scalar state kept on the host (``("step",)``);
-    * ``_step_scalars(group, step)``: the step-dependent scalars of one step value (bias
-      corrections), computed in float64 as torch's single-tensor code does;
+    * ``_scalar_state``: per-parameter scalar state kept on the host and its initial value
+      (``{"step": 0.0}``), advanced by ``_advance_scalars``;
+    * ``_step_scalars(group, scalars)``: the ``_n_step_scalars`` kernel scalars that depend on a
+      parameter's scalar state (bias corrections), in float64 as torch's single-tensor code
+      computes them;
     * ``_launch(group, launch, step_scalars)``: the kernel launch for one segment;
-    * ``_reference(group, params, grads, states)``: torch's own implementation, for devices
-      the kernels cannot run on;
+    * ``_reference(group, params, grads, states, fresh)``: torch's own implementation, for
+      devices the kernels cannot run on, and for sparse gradients where ``_sparse_ok``;
     * ``_sparse_error``: torch's message for sparse gradients.
+
+    Optional: ``_init_region`` (initial state values, zeros by default), ``_fresh_keys`` (state
+    that torch creates from the first gradient: the kernel writes it on the first step, told by
+    the FRESH flag), ``_eager_state`` (state created at construction, as Adagrad does).
 
     Arguments shared by every fused optimizer: ``foreach`` and ``fused`` are accepted for
     signature compatibility with torch.optim and change nothing (the update is always one fused
@@ -290,30 +304,49 @@ class FusedOptimizer(Optimizer):
     ``NotImplementedError``.
     """
 
-    _scalar_state_keys: tuple[str, ...] = ("step",)
+    _torch_cls: type[Optimizer]
+    _scalar_state: ClassVar[dict[str, float]] = {"step": 0.0}
+    _n_step_scalars = 0
+    _sparse_ok = False
+    _eager_state = False
     _sparse_error = "fused_optim does not support sparse gradients"
     _num_warps = 8  # 256 threads per program; elements per program follow from the dtype (block_size)
 
     def __init__(self, params, defaults: dict) -> None:
         super().__init__(params, defaults)
         self._reset_engine()
+        if self._eager_state:
+            for index, group in enumerate(self.param_groups):
+                self._layout(index, group, None, everyone=True)
+            self._tracker.dirty = False
 
     # --- subclass interface ------------------------------------------------------------------
     def _tensor_state_keys(self, group) -> tuple[str, ...]:
         raise NotImplementedError
 
+    def _fresh_keys(self, group) -> tuple[str, ...]:
+        return ()
+
     def _init_region(self, group, key: str, region: torch.Tensor, param: torch.Tensor) -> None:
-        """Initial value of a fresh state region (torch's lazy state initialization)."""
+        """Initial value of a state region (torch's state initialization)."""
         region.zero_()
 
-    def _step_scalars(self, group, step: float) -> tuple[float, ...]:
+    def _advance_scalars(self, group, scalars: dict[str, np.ndarray]) -> None:
+        """Advance the host scalar state of the params being updated, in place (torch: step += 1)."""
+        if "step" in scalars:
+            scalars["step"] += 1
+
+    def _step_scalars(self, group, scalars: dict[str, float]) -> tuple[float, ...]:
         return ()
 
     def _launch(self, group, launch: _Launch, step_scalars) -> None:
         raise NotImplementedError
 
-    def _reference(self, group, params, grads, states) -> None:
+    def _reference(self, group, params, grads, states, fresh) -> None:
         raise NotImplementedError
+
+    def _check_sparse(self, group) -> None:
+        """Called when a group holds sparse grads (``_sparse_ok``): raise what torch raises."""
 
     # --- engine state ------------------------------------------------------------------------
     def _reset_engine(self) -> None:
@@ -353,9 +386,13 @@ class FusedOptimizer(Optimizer):
         if self._tracker.dirty or any(plan is None for plan, _, _, _ in work):
             self._rebuild(work)
         # Phase 2 updates.
-        for (plan, grads, _, _), group in zip(work, self.param_groups):
+        for index, ((plan, grads, _, _), group) in enumerate(zip(work, self.param_groups)):
             for launch in plan.launches:
                 self._run(group, launch, grads)
+            if plan.sparse:
+                self._run_sparse(group, plan.sparse, grads)
+            if any(launch.fresh for launch in plan.launches):
+                self._caches[index].plan = None  # FRESH flags hold for one step
         return loss
 
     def _prepare(self, index: int, group):
@@ -366,7 +403,7 @@ class FusedOptimizer(Optimizer):
         try:
             gkey = tuple(map(_data_ptr, grads))  # fails on a None or sparse grad
         except (TypeError, RuntimeError):
-            gkey = tuple(0 if g is None or g.layout != torch.strided else g.data_ptr() for g in grads)
+            gkey = tuple(0 if g is None else -1 if g.layout != torch.strided else g.data_ptr() for g in grads)
         try:
             pkey = tuple(map(_data_ptr, params))
         except RuntimeError:
@@ -389,9 +426,12 @@ class FusedOptimizer(Optimizer):
         params = group["params"]
         if len({id(p) for p in params}) != len(params):
             raise NotImplementedError(f"fused_optim.{name}: a param group lists the same parameter twice")
+        sparse = False
         for i, (p, g) in enumerate(zip(params, grads)):
             if g is not None and g.layout != torch.strided:
-                raise RuntimeError(self._sparse_error)
+                if not self._sparse_ok:
+                    raise RuntimeError(self._sparse_error)
+                sparse = True
             if p.dtype not in _REAL_DTYPES and p.dtype not in _COMPLEX_DTYPES:
                 raise NotImplementedError(
                     f"fused_optim.{name}: parameter {i} of param group {index} has dtype {p.dtype}; "
@@ -406,10 +446,12 @@ class FusedOptimizer(Optimizer):
             state = self.state.get(p)
             if state:
                 self._check_state(state, p, group, where=f"parameter {i} of param group {index}")
+        if sparse:
+            self._check_sparse(group)
 
     def _check_state(self, state: dict, p: torch.Tensor, group, where: str) -> None:
         """Raise a clear error if ``state`` cannot serve as ``p``'s state under ``group``'s options."""
-        for key in self._scalar_state_keys:
+        for key in self._scalar_state:
             value = state.get(key)
             if value is None:
                 raise ValueError(f"state of {where} has no {key!r}")
@@ -417,6 +459,8 @@ class FusedOptimizer(Optimizer):
                 raise ValueError(f"state {key!r} of {where} must hold one value, got shape {tuple(value.shape)}")
         for key in self._tensor_state_keys(group):
             value = state.get(key)
+            if value is None and key in self._fresh_keys(group):
+                continue  # created by the first step
             if not isinstance(value, torch.Tensor):
                 raise ValueError(f"state of {where} has no tensor {key!r} (found {type(value).__name__})")
             if value.shape != p.shape or value.is_complex() != p.is_complex():
@@ -435,8 +479,10 @@ class FusedOptimizer(Optimizer):
                 work[index] = (fresh, grads, pkey, gkey)
         self._tracker.dirty = False
 
-    def _layout(self, index: int, group, grads) -> None:
-        """(Re)build the segments of a group so that every param with state or a grad is a member."""
+    def _layout(self, index: int, group, grads, everyone: bool = False) -> None:
+        """(Re)build the segments of a group: its members are the params with a dense grad or with
+        state (or all of them, ``everyone``). Params whose state torch keeps sparse (SGD's momentum
+        after sparse grads) stay outside, with torch's own tensors."""
         cache = self._caches.get(index)
         if cache is None or cache.group is not group:
             cache = self._caches[index] = _GroupCache(group)
@@ -444,7 +490,15 @@ class FusedOptimizer(Optimizer):
         params = group["params"]
         members: dict[tuple, list[int]] = {}
         for i, p in enumerate(params):
-            if (grads is not None and grads[i] is not None) or self.state.get(p):
+            grad = grads[i] if grads is not None else None
+            state = self.state.get(p)
+            if (
+                everyone
+                or _is_dense_grad(grad)
+                or (
+                    state and not any(isinstance(v, torch.Tensor) and v.layout != torch.strided for v in state.values())
+                )
+            ):
                 members.setdefault((p.device, _real_dtype(p.dtype)), []).append(i)
         segments = {}
         for key, positions in members.items():
@@ -463,34 +517,38 @@ class FusedOptimizer(Optimizer):
 
     def _new_segment(self, group, key, members, positions) -> _Segment:
         keys = self._tensor_state_keys(group)
-        seg = _Segment(key, members, positions, keys, self._scalar_state_keys)
+        fresh_keys = self._fresh_keys(group)
+        seg = _Segment(key, members, positions, keys, self._scalar_state)
         tracker = self._tracker
         for i, p in enumerate(members):
             old = self.state.get(p) or {}
             for k in keys:
                 src = old.get(k)
                 region = seg.region(i, k)
-                if src is None:
-                    self._init_region(group, k, region, p)
+                if src is not None:
+                    region.copy_(_real(src.to_dense() if src.layout != torch.strided else src))
+                elif k in fresh_keys:
+                    seg.fresh.add(i)  # the kernel writes it on this param's first step
                 else:
-                    region.copy_(_real(src))
-            for k in self._scalar_state_keys:
-                seg.scalars[k][i] = _as_float(old[k]) if k in old else 0.0
+                    self._init_region(group, k, region, p)
+            for k, initial in self._scalar_state.items():
+                seg.scalars[k][i] = _as_float(old[k]) if k in old else initial
             new = _ParamState(tracker)
-            for k in self._scalar_state_keys:
+            for k in self._scalar_state:
                 dict.__setitem__(new, k, seg.scalars[k][i])
             for k in keys:
                 dict.__setitem__(new, k, seg.view(i, k))
             for k, v in old.items():  # keep keys this configuration does not use
                 if k not in new:
                     dict.__setitem__(new, k, v)
-            dict.__setitem__(self.state, p, new)
+            if new:  # no empty entries: torch.optim.SGD without momentum keeps no state at all
+                dict.__setitem__(self.state, p, new)
         return seg
 
     def _plan(self, index: int, group, grads, pkey, gkey) -> _Plan:
         launches = []
         for seg in self._caches[index].segments.values():
-            rows = np.asarray([i for i, g in enumerate(seg.group_index) if grads[g] is not None], dtype=np.int64)
+            rows = np.asarray([i for i, g in enumerate(seg.group_index) if _is_dense_grad(grads[g])], dtype=np.int64)
             if len(rows) == 0:
                 continue
             all_rows = len(rows) == len(seg.members)
@@ -502,7 +560,9 @@ class FusedOptimizer(Optimizer):
             else:
                 _warn_fallback(device)
             launches.append(launch)
-        return _Plan(pkey, gkey, self._tensor_state_keys(group), launches)
+        # Sparse grads (where the algorithm allows them) take torch's own code, param by param.
+        sparse = [i for i, g in enumerate(grads) if g is not None and g.layout != torch.strided]
+        return _Plan(pkey, gkey, self._tensor_state_keys(group), launches, sparse)
 
     def _tables(self, seg: _Segment, rows: np.ndarray, grads, launch: _Launch) -> Tables:
         n = len(rows)
@@ -525,13 +585,15 @@ class FusedOptimizer(Optimizer):
                 launch.stage_grads.append((int(seg.group_index[i]), buf))
                 g_addr[j] = buf.data_ptr()
         vec_ok = (p_addr % VEC_BYTES == 0) & (g_addr % VEC_BYTES == 0)
+        flags = np.asarray([FLAG_FRESH if i in seg.fresh else 0 for i in rows.tolist()], dtype=np.int64)
+        launch.fresh = bool(flags.any())
         return build_tables(
             p_addr,
             g_addr,
             seg.offsets[rows],
             seg.numels[rows],
             vec_ok,
-            np.zeros(n, dtype=np.int64),
+            flags,
             block_size(self._num_warps, seg.flat_itemsize),
             seg.device,
         )
@@ -539,42 +601,58 @@ class FusedOptimizer(Optimizer):
     # --- running a launch --------------------------------------------------------------------
     def _run(self, group, launch: _Launch, grads) -> None:
         seg = launch.seg
+        rows = launch.rows.tolist()
         if launch.tables is None:
-            rows = launch.rows.tolist()
             params = [seg.members[i] for i in rows]
             self._reference(
                 group,
                 params,
                 [grads[seg.group_index[i]] for i in rows],
                 [self.state[p] for p in params],
+                [i in seg.fresh for i in rows],
             )
-            return
-        for pos, buf in launch.stage_grads:
-            buf.copy_(_real(grads[pos]))
-        for i, buf in launch.stage_params:
-            buf.copy_(_real(seg.members[i]))
-        self._launch(group, launch, self._advance(group, launch))
-        for i, buf in launch.stage_params:
-            _real(seg.members[i]).copy_(buf)
+        else:
+            for pos, buf in launch.stage_grads:
+                buf.copy_(_real(grads[pos]))
+            for i, buf in launch.stage_params:
+                buf.copy_(_real(seg.members[i]))
+            self._launch(group, launch, self._advance(group, launch))
+            for i, buf in launch.stage_params:
+                _real(seg.members[i]).copy_(buf)
+        seg.fresh.difference_update(rows)
+
+    def _run_sparse(self, group, positions: list[int], grads) -> None:
+        params = [group["params"][i] for i in positions]
+        stateful = self._scalar_state or self._tensor_state_keys(group)
+        self._reference(
+            group,
+            params,
+            [grads[i] for i in positions],
+            [self.state[p] if stateful else {} for p in params],
+            [False] * len(params),
+        )
 
     def _advance(self, group, launch: _Launch):
-        """Advance the step of the members being updated; return the step-dependent scalars, as a
-        tuple when they share one step value, else as a per-tensor float64 device table."""
-        if "step" not in launch.seg.scalars:
+        """Advance the host scalar state of the rows being updated (torch: ``step += 1`` per param);
+        return the step-dependent kernel scalars: a tuple when every row has the same scalar state,
+        else a per-row float64 device table."""
+        seg = launch.seg
+        if not seg.scalars:
             return ()
-        steps = launch.seg.scalars["step"]
-        if launch.all_rows:
-            steps.add_(1)
-            values = launch.seg.scalars_np["step"]
-        else:
-            steps.index_add_(0, launch.rows_t, torch.ones(len(launch.rows), dtype=steps.dtype))
-            values = launch.seg.scalars_np["step"][launch.rows]
-        low, high = values.min(), values.max()
-        if low == high:
-            return self._step_scalars(group, float(low))
-        distinct, inverse = np.unique(values, return_inverse=True)
-        per_step = np.asarray([self._step_scalars(group, float(s)) for s in distinct], dtype=np.float64)
-        return scalar_table(per_step[inverse], launch.seg.device)
+        rows = None if launch.all_rows else launch.rows
+        values = {k: a if rows is None else a[rows] for k, a in seg.scalars_np.items()}
+        self._advance_scalars(group, values)
+        if rows is not None:
+            for k, a in seg.scalars_np.items():
+                a[rows] = values[k]
+        if not self._n_step_scalars:
+            return ()
+        if all(v.min() == v.max() for v in values.values()):
+            return self._step_scalars(group, {k: float(v[0]) for k, v in values.items()})
+        keys = list(values)
+        distinct, inverse = np.unique(np.stack([values[k] for k in keys], axis=1), axis=0, return_inverse=True)
+        per_row = [self._step_scalars(group, dict(zip(keys, map(float, row)))) for row in distinct]
+        return scalar_table(np.asarray(per_row, dtype=np.float64)[inverse.reshape(-1)], seg.device)
 
     # --- torch.optim compatibility -----------------------------------------------------------
     def state_dict(self):

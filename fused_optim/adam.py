@@ -43,6 +43,7 @@ class Adam(FusedOptimizer):
     """
 
     _torch_cls = torch.optim.Adam
+    _n_step_scalars = 2
     _sparse_error = "Adam does not support sparse gradients, please consider SparseAdam instead"
 
     def __init__(
@@ -105,7 +106,8 @@ class Adam(FusedOptimizer):
     def _tensor_state_keys(self, group) -> tuple[str, ...]:
         return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else ("exp_avg", "exp_avg_sq")
 
-    def _step_scalars(self, group, step: float) -> tuple[float, float]:
+    def _step_scalars(self, group, scalars: dict[str, float]) -> tuple[float, float]:
+        step = scalars["step"]
         lr = _as_float(group["lr"])
         beta1, beta2 = (_as_float(b) for b in group["betas"])
         bias_correction1 = 1 - beta1**step
@@ -133,7 +135,7 @@ class Adam(FusedOptimizer):
             num_warps=self._num_warps,
         )
 
-    def _reference(self, group, params, grads, states) -> None:
+    def _reference(self, group, params, grads, states, fresh) -> None:
         from torch.optim.adam import adam
         from torch.optim.adamw import adamw
 

@@ -31,6 +31,7 @@ import triton.language as tl
 
 ROW = 6  # columns of the tensor table
 COL_PARAM, COL_GRAD, COL_STATE, COL_NUMEL, COL_VEC_END, COL_FLAGS = range(ROW)
+FLAG_FRESH = 1  # flags bit: state that torch creates from the first grad is written by this step
 ALIGN = 16  # state regions start at multiples of this many elements
 VEC_BYTES = 16  # the vectorized path needs param and grad addresses aligned to this
 
@@ -191,6 +192,49 @@ def region(base, s_off, ALIGNED: tl.constexpr):
     return ptr
 
 
+@triton.jit
+def row_flags(tensor_table, t):
+    """The flags of tensor ``t`` (FLAG_FRESH)."""
+    return tl.load(tensor_table + t * 6 + 5)  # ROW, COL_FLAGS
+
+
+@triton.jit
+def step_scalar(step_table, t, j, WIDTH: tl.constexpr, bits, PER_TENSOR: tl.constexpr, C_DTYPE: tl.constexpr):
+    """Step-dependent scalar ``j``: from the per-tensor float64 table (tensors at different steps),
+    else the launch-wide argument passed by ``float_bits``."""
+    if PER_TENSOR:
+        v = tl.load(step_table + t * WIDTH + j).to(C_DTYPE)
+    else:
+        v = hp(bits, C_DTYPE)
+    return v
+
+
+@triton.jit
+def torch_lerp(start, end, weight):
+    """``start.lerp_(end, weight)`` as torch computes it: two-sided, exact at weight 0 and 1."""
+    small = weight < 0.5
+    return tl.fma(tl.where(small, weight, weight - 1.0), end - start, tl.where(small, start, end))
+
+
+@triton.jit
+def decay_addcmul(avg, x, beta, weight):
+    """``avg.mul_(beta).addcmul_(x, x, value=weight)``: one rounding for the product, one fused
+    multiply-add, as torch's CPU kernels do."""
+    return tl.fma(weight * x, x, avg * beta)
+
+
+@triton.jit
+def weight_decay(p, g, decay, WEIGHT_DECAY: tl.constexpr, DECOUPLED: tl.constexpr):
+    """L2 decay ``g + decay * p`` (torch's ``grad.add(param, alpha=weight_decay)``) or, DECOUPLED,
+    ``p * decay`` with ``decay = 1 - lr * weight_decay``."""
+    if WEIGHT_DECAY:
+        if DECOUPLED:
+            p = p * decay
+        else:
+            g = tl.fma(decay, p, g)
+    return p, g
+
+
 @dataclass
 class Tables:
     """Device tables for one launch; built once and reused while no storage changes."""
@@ -240,6 +284,16 @@ def build_tables(
 def scalar_table(values: np.ndarray, device: torch.device) -> torch.Tensor:
     """Per-tensor float64 scalars (used only when tensors of one launch are at different steps)."""
     return _to_device(np.ascontiguousarray(values, dtype=np.float64), device)
+
+
+def step_args(step_scalars, width: int, tables: Tables):
+    """Kernel arguments for step-dependent scalars: (table tensor, per-scalar bits, PER_TENSOR).
+    ``step_scalars`` is a tuple of floats (one step value for the launch) or a float64 device table
+    of ``width`` columns, one row per tensor."""
+    if isinstance(step_scalars, torch.Tensor):
+        return step_scalars, (0,) * width, True
+    assert len(step_scalars) == width, (step_scalars, width)
+    return tables.tensor_table, tuple(float_bits(x) for x in step_scalars), False
 
 
 _recorders: list[list] = []

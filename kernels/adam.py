@@ -10,6 +10,7 @@ from ._tables import (
     Tables,
     as_ptr,
     compute_dtype,
+    decay_addcmul,
     float_bits,
     hp,
     ieee_div,
@@ -18,8 +19,12 @@ from ._tables import (
     launch,
     locate,
     region,
+    step_args,
+    step_scalar,
     to_storage,
+    torch_lerp,
     triton_dtype,
+    weight_decay,
 )
 
 _SCALARS = ["decay", "lerp_w", "beta2", "sq_w", "eps", "neg_step_size", "bc2_sqrt"]
@@ -63,17 +68,9 @@ def _adam_block(
     v = tl.load(v_ptr + offs, mask=mask).to(C_DTYPE)
     if MAXIMIZE:
         g = -g
-    if WEIGHT_DECAY:
-        if DECOUPLED:
-            p = p * decay  # param.mul_(1 - lr * weight_decay)
-        else:
-            g = tl.fma(decay, p, g)  # grad.add(param, alpha=weight_decay)
-    # exp_avg.lerp_(grad, 1 - beta1), in torch's two-sided form (exact at weight 0 and 1)
-    small = lerp_w < 0.5
-    coef = tl.where(small, lerp_w, lerp_w - 1.0)
-    m = tl.fma(coef, g - m, tl.where(small, m, g))
-    # exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    v = tl.fma(sq_w * g, g, v * beta2)
+    p, g = weight_decay(p, g, decay, WEIGHT_DECAY, DECOUPLED)
+    m = torch_lerp(m, g, lerp_w)  # exp_avg.lerp_(grad, 1 - beta1)
+    v = decay_addcmul(v, g, beta2, sq_w)  # exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
     if AMSGRAD:
         vmax = tl.load(vmax_ptr + offs, mask=mask).to(C_DTYPE)
         vmax = tl.maximum(vmax, v, propagate_nan=tl.PropagateNan.ALL)
@@ -114,12 +111,8 @@ def _adam_kernel(
     BLOCK: tl.constexpr,  # elements per program
 ):
     t, offs, p_addr, g_addr, s_off, numel, full = locate(tensor_table, block_table, BLOCK)
-    if PER_TENSOR_STEP:
-        neg_step = tl.load(step_table + 2 * t).to(C_DTYPE)
-        bc2s = tl.load(step_table + 2 * t + 1).to(C_DTYPE)
-    else:
-        neg_step = hp(neg_step_size, C_DTYPE)
-        bc2s = hp(bc2_sqrt, C_DTYPE)
+    neg_step = step_scalar(step_table, t, 0, 2, neg_step_size, PER_TENSOR_STEP, C_DTYPE)
+    bc2s = step_scalar(step_table, t, 1, 2, bc2_sqrt, PER_TENSOR_STEP, C_DTYPE)
     decay_c = hp(decay, C_DTYPE)
     lerp_c = hp(lerp_w, C_DTYPE)
     beta2_c = hp(beta2, C_DTYPE)
@@ -162,21 +155,19 @@ def adam_step(
     ``step_scalars`` is ``(-lr / (1 - beta1**step), sqrt(1 - beta2**step))`` when every tensor of the
     launch is at the same step, else a float64 device tensor holding that pair per tensor.
     """
-    per_tensor = isinstance(step_scalars, torch.Tensor)
-    neg_step_size, bc2_sqrt = (0.0, 1.0) if per_tensor else step_scalars
+    step_table, step_bits, per_tensor = step_args(step_scalars, 2, tables)  # -lr / bc1, sqrt(bc2)
     decay = 1.0 - lr * weight_decay if decoupled else weight_decay
     args = (
         exp_avg,
         exp_avg_sq,
         max_exp_avg_sq if amsgrad else exp_avg,
-        step_scalars if per_tensor else tables.tensor_table,
+        step_table,
         float_bits(decay),  # 1 - lr * weight_decay, or weight_decay
         float_bits(1.0 - beta1),  # lerp weight of exp_avg
         float_bits(beta2),
         float_bits(1.0 - beta2),  # addcmul value of exp_avg_sq
         float_bits(eps),
-        float_bits(neg_step_size),  # -lr / bias_correction1
-        float_bits(bc2_sqrt),  # sqrt(bias_correction2)
+        *step_bits,
     )
     constexprs = {
         "P_DTYPE": triton_dtype(param_dtype),

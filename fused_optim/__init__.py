@@ -1,8 +1,27 @@
 """fused_optim: drop-in torch.optim optimizers whose whole update is one Triton launch per segment."""
 
 from ._base import FusedOptimizer
+from .adadelta import Adadelta
+from .adagrad import Adagrad
 from .adam import Adam, AdamW
+from .adamax import Adamax
+from .nadam import NAdam
+from .radam import RAdam
+from .rmsprop import RMSprop
+from .sgd import SGD
 
 __version__ = "0.1.0"
 
-__all__ = ["Adam", "AdamW", "FusedOptimizer", "__version__"]
+__all__ = [
+    "SGD",
+    "Adadelta",
+    "Adagrad",
+    "Adam",
+    "AdamW",
+    "Adamax",
+    "FusedOptimizer",
+    "NAdam",
+    "RAdam",
+    "RMSprop",
+    "__version__",
+]

@@ -29,7 +29,7 @@ from torch.optim import Optimizer
 from .kernels import INTERPRETED
 from .kernels._tables import ALIGN, FLAG_FRESH, VEC_BYTES, Tables, block_size, build_tables, scalar_table
 
-__all__ = ["FusedOptimizer", "check_like_torch"]
+__all__ = ["FusedOptimizer", "call_torch", "check_like_torch"]
 
 _data_ptr = torch.Tensor.data_ptr
 _MISSING = object()
@@ -274,6 +274,17 @@ def check_like_torch(torch_cls, **kwargs) -> None:
     torch version does not know are left out."""
     accepted = inspect.signature(torch_cls.__init__).parameters
     torch_cls([torch.zeros(0, requires_grad=True)], **{k: v for k, v in kwargs.items() if k in accepted})
+
+
+def call_torch(fn, *args, **kwargs):
+    """Call a torch.optim functional with the keyword arguments the installed torch knows. One it
+    does not know is dropped when left at its off value (False, None, 0); otherwise this raises
+    rather than compute something else."""
+    accepted = inspect.signature(fn).parameters
+    for key in [k for k in kwargs if k not in accepted]:
+        if kwargs.pop(key):
+            raise NotImplementedError(f"this torch's {fn.__name__} has no {key!r}, needed here")
+    return fn(*args, **kwargs)
 
 
 class FusedOptimizer(Optimizer):

@@ -193,9 +193,9 @@ def region(base, s_off, ALIGNED: tl.constexpr):
 
 
 @triton.jit
-def row_flags(tensor_table, t):
-    """The flags of tensor ``t`` (FLAG_FRESH)."""
-    return tl.load(tensor_table + t * 6 + 5)  # ROW, COL_FLAGS
+def is_fresh(tensor_table, t):
+    """Whether tensor ``t`` carries FLAG_FRESH (1)."""
+    return (tl.load(tensor_table + t * 6 + 5) & 1) != 0  # ROW, COL_FLAGS, FLAG_FRESH
 
 
 @triton.jit

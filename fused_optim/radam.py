@@ -1,0 +1,146 @@
+"""RAdam: Adam with variance rectification."""
+
+from __future__ import annotations
+
+import torch
+
+from ._base import FusedOptimizer, _as_float, call_torch, check_like_torch
+from .kernels import radam_step
+
+__all__ = ["RAdam"]
+
+
+class RAdam(FusedOptimizer):
+    r"""RAdam, with the whole update in one Triton launch per parameter segment.
+
+    Drop-in for :class:`torch.optim.RAdam`. Per element, with :math:`g` the gradient (negated if
+    ``maximize``), decay as in :class:`Adam`, :math:`\rho_\infty = 2/(1-\beta_2) - 1` and
+    :math:`\rho_t = \rho_\infty - 2t\beta_2^t/(1-\beta_2^t)`:
+
+    .. math::
+        m &\leftarrow \beta_1 m + (1-\beta_1) g, \qquad v \leftarrow \beta_2 v + (1-\beta_2) g^2,
+        \qquad \hat m = m / (1 - \beta_1^t) \\
+        \theta &\leftarrow \theta - \gamma \hat m\, r_t \frac{\sqrt{1-\beta_2^t}}{\sqrt v + \epsilon}
+            \text{ if } \rho_t > 5, \text{ else } \theta - \gamma \hat m, \qquad
+        r_t = \sqrt{\tfrac{(\rho_t-4)(\rho_t-2)\rho_\infty}{(\rho_\infty-4)(\rho_\infty-2)\rho_t}}
+
+    Args:
+        params: iterable of parameters or named parameters, or of dicts defining param groups.
+        lr (float, Tensor): learning rate :math:`\gamma` (default: 1e-3).
+        betas (tuple[float, float]): :math:`(\beta_1, \beta_2)` (default: (0.9, 0.999)).
+        eps (float): :math:`\epsilon` (default: 1e-8).
+        weight_decay (float): :math:`\lambda` (default: 0).
+        decoupled_weight_decay (bool): decay the parameter directly, as AdamW (default: False).
+        foreach: accepted for compatibility; the update is always fused.
+        maximize (bool): maximize the objective (default: False).
+        capturable, differentiable: ``True`` raises ``NotImplementedError``.
+    """
+
+    _torch_cls = torch.optim.RAdam
+    _n_step_scalars = 4
+    _sparse_error = "RAdam does not support sparse gradients"
+
+    def __init__(
+        self,
+        params,
+        lr: float | torch.Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        decoupled_weight_decay: bool = False,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+    ) -> None:
+        check_like_torch(
+            self._torch_cls,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            decoupled_weight_decay=decoupled_weight_decay,
+            foreach=foreach,
+            maximize=maximize,
+            capturable=capturable,
+            differentiable=differentiable,
+        )
+        defaults = {
+            "lr": lr,
+            "betas": betas,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "maximize": maximize,
+            "foreach": foreach,
+            "capturable": capturable,
+            "decoupled_weight_decay": decoupled_weight_decay,
+            "differentiable": differentiable,
+        }
+        self._check_options(defaults)
+        super().__init__(params, defaults)
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("foreach", None)
+            group.setdefault("maximize", False)
+            group.setdefault("differentiable", False)
+            group.setdefault("decoupled_weight_decay", False)
+            group.setdefault("capturable", False)
+
+    def _tensor_state_keys(self, group) -> tuple[str, ...]:
+        return ("exp_avg", "exp_avg_sq")
+
+    def _step_scalars(self, group, scalars) -> tuple[float, float, float, float]:
+        step = scalars["step"]
+        beta1, beta2 = (_as_float(b) for b in group["betas"])
+        bias_correction1 = 1 - beta1**step
+        bias_correction2 = 1 - beta2**step
+        rho_inf = 2 / (1 - beta2) - 1  # maximum length of the approximated SMA
+        rho_t = rho_inf - 2 * step * (beta2**step) / bias_correction2
+        if rho_t > 5.0:  # the variance is tractable: rectified adaptive step
+            rect = ((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5
+            return (bias_correction1, bias_correction2**0.5, rect, 1.0)
+        return (bias_correction1, 1.0, 1.0, 0.0)  # plain momentum step
+
+    def _launch(self, group, launch, step_scalars) -> None:
+        seg = launch.seg
+        beta1, beta2 = group["betas"]
+        radam_step(
+            launch.tables,
+            seg.flat["exp_avg"],
+            seg.flat["exp_avg_sq"],
+            param_dtype=seg.dtype,
+            lr=_as_float(group["lr"]),
+            beta1=_as_float(beta1),
+            beta2=_as_float(beta2),
+            eps=_as_float(group["eps"]),
+            weight_decay=_as_float(group["weight_decay"]),
+            decoupled=bool(group["decoupled_weight_decay"]),
+            maximize=bool(group["maximize"]),
+            step_scalars=step_scalars,
+            num_warps=self._num_warps,
+        )
+
+    def _reference(self, group, params, grads, states, fresh) -> None:
+        from torch.optim.radam import radam
+
+        beta1, beta2 = group["betas"]
+        call_torch(
+            radam,
+            params,
+            grads,
+            [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states],
+            [s["step"] for s in states],
+            decoupled_weight_decay=group["decoupled_weight_decay"],
+            foreach=False,
+            has_complex=any(torch.is_complex(p) for p in params),
+            maximize=group["maximize"],
+            beta1=beta1,
+            beta2=beta2,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+        )

@@ -1,0 +1,161 @@
+"""One table of named configurations per algorithm, covering every option and their combinations;
+the generic tests run each through the parity harness."""
+
+import torch
+
+from parity import Config
+
+ALGORITHMS = {
+    "SGD": [
+        Config("defaults"),
+        Config("lr", {"lr": 0.1}),
+        Config("weight_decay", {"lr": 0.1, "weight_decay": 0.1}),
+        Config("momentum", {"lr": 0.1, "momentum": 0.9}),
+        Config("momentum + dampening", {"lr": 0.1, "momentum": 0.9, "dampening": 0.5}),
+        Config("nesterov", {"lr": 0.1, "momentum": 0.9, "nesterov": True}),
+        Config("maximize", {"lr": 0.1, "maximize": True}),
+        Config("tensor lr and weight_decay", {"lr": torch.tensor(0.1), "weight_decay": torch.tensor(0.05)}),
+        Config(
+            "everything",
+            {"lr": 0.05, "momentum": 0.8, "nesterov": True, "weight_decay": 0.05, "maximize": True},
+        ),
+    ],
+    "Adagrad": [
+        Config("defaults"),
+        Config("lr_decay", {"lr": 0.1, "lr_decay": 0.05}),
+        Config("weight_decay", {"lr": 0.1, "weight_decay": 0.1}),
+        Config("initial_accumulator_value", {"lr": 0.1, "initial_accumulator_value": 0.5}),
+        Config("large eps", {"lr": 0.1, "eps": 1e-2}),
+        Config("maximize", {"lr": 0.1, "maximize": True}),
+        Config(
+            "everything",
+            {
+                "lr": 0.1,
+                "lr_decay": 0.01,
+                "weight_decay": 0.05,
+                "initial_accumulator_value": 0.2,
+                "eps": 1e-6,
+                "maximize": True,
+            },
+        ),
+    ],
+    "Adadelta": [
+        Config("defaults"),
+        Config("rho", {"rho": 0.5}),
+        Config("large eps", {"eps": 1e-2}),
+        Config("weight_decay", {"weight_decay": 0.1}),
+        Config("maximize", {"maximize": True}),
+        Config("tensor lr", {"lr": torch.tensor(0.5)}),
+        Config("everything", {"lr": 0.5, "rho": 0.8, "eps": 1e-4, "weight_decay": 0.05, "maximize": True}),
+    ],
+    "RMSprop": [
+        Config("defaults"),
+        Config("alpha", {"alpha": 0.9}),
+        Config("large eps", {"eps": 1e-2}),
+        Config("weight_decay", {"weight_decay": 0.1}),
+        Config("momentum", {"momentum": 0.9}),
+        Config("centered", {"centered": True}),
+        Config("centered + momentum", {"centered": True, "momentum": 0.5}),
+        Config("maximize", {"maximize": True}),
+        Config(
+            "everything",
+            {
+                "lr": 0.02,
+                "alpha": 0.9,
+                "eps": 1e-6,
+                "weight_decay": 0.05,
+                "momentum": 0.8,
+                "centered": True,
+                "maximize": True,
+            },
+        ),
+    ],
+    "NAdam": [
+        Config("defaults"),
+        Config("betas", {"betas": (0.8, 0.99)}),
+        Config("momentum_decay", {"momentum_decay": 0.05}),
+        Config("L2 weight_decay", {"weight_decay": 0.1}),
+        Config("decoupled weight_decay", {"lr": 0.02, "weight_decay": 0.1, "decoupled_weight_decay": True}),
+        Config("large eps", {"eps": 1e-2}),
+        Config("maximize", {"maximize": True}),
+        Config(
+            "everything",
+            {
+                "lr": 0.01,
+                "betas": (0.85, 0.95),
+                "eps": 1e-6,
+                "weight_decay": 0.05,
+                "momentum_decay": 0.01,
+                "decoupled_weight_decay": True,
+                "maximize": True,
+            },
+        ),
+    ],
+    "RAdam": [
+        # 10 steps cover both branches: rho_t passes 5 after a few steps at these betas.
+        Config("defaults"),
+        Config("betas", {"lr": 0.01, "betas": (0.8, 0.9)}),
+        Config("L2 weight_decay", {"lr": 0.01, "weight_decay": 0.1}),
+        Config("decoupled weight_decay", {"lr": 0.01, "weight_decay": 0.1, "decoupled_weight_decay": True}),
+        Config("large eps", {"lr": 0.01, "eps": 1e-2}),
+        Config("maximize", {"lr": 0.01, "maximize": True}),
+        Config(
+            "everything",
+            {
+                "lr": 0.01,
+                "betas": (0.7, 0.9),
+                "eps": 1e-6,
+                "weight_decay": 0.05,
+                "decoupled_weight_decay": True,
+                "maximize": True,
+            },
+        ),
+    ],
+    "Adamax": [
+        Config("defaults"),
+        Config("betas", {"lr": 0.05, "betas": (0.6, 0.9)}),
+        Config("large eps", {"lr": 0.05, "eps": 1e-2}),
+        Config("weight_decay", {"lr": 0.05, "weight_decay": 0.1}),
+        Config("maximize", {"lr": 0.05, "maximize": True}),
+        Config("everything", {"lr": 0.05, "betas": (0.7, 0.95), "eps": 1e-6, "weight_decay": 0.05, "maximize": True}),
+    ],
+}
+
+# Arguments torch rejects, per algorithm: fused_optim must raise the same error with the same text.
+BAD_ARGS = {
+    "SGD": [
+        {"lr": -0.1},
+        {"momentum": -0.5},
+        {"weight_decay": -1.0},
+        {"nesterov": True},
+        {"nesterov": True, "momentum": 0.9, "dampening": 0.1},
+        {"lr": torch.tensor([0.1, 0.2])},
+        {"fused": True, "foreach": True},
+        {"fused": True, "differentiable": True},
+    ],
+    "Adagrad": [
+        {"lr": -0.1},
+        {"lr_decay": -1.0},
+        {"weight_decay": -1.0},
+        {"initial_accumulator_value": -1.0},
+        {"eps": -1.0},
+        {"fused": True, "foreach": True},
+    ],
+    "Adadelta": [{"lr": -1.0}, {"rho": 1.5}, {"rho": -0.1}, {"eps": -1.0}, {"weight_decay": -1.0}],
+    "RMSprop": [{"lr": -1.0}, {"eps": -1.0}, {"momentum": -1.0}, {"weight_decay": -1.0}, {"alpha": -0.5}],
+    "NAdam": [
+        {"lr": -1.0},
+        {"eps": -1.0},
+        {"betas": (1.0, 0.9)},
+        {"betas": (0.9, 1.0)},
+        {"weight_decay": -1.0},
+        {"momentum_decay": -1.0},
+    ],
+    "RAdam": [{"lr": -1.0}, {"eps": -1.0}, {"betas": (1.0, 0.9)}, {"betas": (0.9, -0.1)}, {"weight_decay": -1.0}],
+    "Adamax": [{"lr": -1.0}, {"eps": -1.0}, {"betas": (1.0, 0.9)}, {"betas": (0.9, 1.5)}, {"weight_decay": -1.0}],
+}
+
+
+def everything(name: str) -> dict:
+    """The configuration of ``name`` that turns every option on."""
+    return next(c.kwargs for c in ALGORITHMS[name] if c.desc == "everything")

@@ -1,0 +1,254 @@
+"""SGD, Adagrad, Adadelta, RMSprop, NAdam, RAdam and Adamax against torch.optim(foreach=False)."""
+
+import copy
+import inspect
+
+import pytest
+import torch
+
+import fused_optim
+from algorithms import ALGORITHMS, BAD_ARGS, everything
+from fused_optim.kernels._tables import record_launches
+from parity import SHAPES, assert_same, leaves, random_tensors, run_parity, set_grads
+
+CASES = [
+    pytest.param(name, config, id=f"{name}-{config.desc}") for name, configs in ALGORITHMS.items() for config in configs
+]
+TOL = {"rtol": 1e-5, "atol": 1e-6}
+
+
+def _classes(name):
+    return getattr(fused_optim, name), getattr(torch.optim, name)
+
+
+def _skips(step, i):
+    """Params without a grad on some steps: tensors of one launch end up at different steps."""
+    return (step + i) % 4 == 0 or (i == 1 and step < 3)
+
+
+@pytest.mark.parametrize(("name", "config"), CASES)
+def test_parity(name, config, device):
+    run_parity(*_classes(name), config.kwargs, device=device, grad_none=_skips)
+
+
+@pytest.mark.parametrize("name", ALGORITHMS)
+def test_complex_and_float64(name, device):
+    for dtype in (torch.complex64, torch.float64):
+        run_parity(*_classes(name), everything(name), device=device, dtype=dtype, steps=6, grad_none=_skips)
+
+
+@pytest.mark.parametrize("name", ALGORITHMS)
+def test_param_groups_and_scheduler(name, device):
+    configs = ALGORITHMS[name]
+    groups = [([0, 1, 2], configs[1].kwargs), ([3, 4], {}), ([5, 6, 7], everything(name))]
+    run_parity(
+        *_classes(name),
+        {},
+        device=device,
+        groups=groups,
+        scheduler=lambda opt: torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.8),
+    )
+
+
+@pytest.mark.parametrize("name", ALGORITHMS)
+def test_one_launch_per_segment_and_per_step(name, device):
+    params = [torch.randn(5 + i, device=device, requires_grad=True) for i in range(40)]
+    params += [torch.randn(7, device=device, dtype=torch.float64, requires_grad=True)]
+    opt = _classes(name)[0](params, **everything(name))
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        with record_launches() as log:
+            opt.step()
+        assert [kernel for kernel, _ in log] == [f"_{name.lower()}_kernel"] * 2
+
+
+@pytest.mark.parametrize("direction", ["fused to torch", "torch to fused"])
+@pytest.mark.parametrize("name", ALGORITHMS)
+def test_state_dict_interchange(name, direction, device, tmp_path):
+    fused_cls, torch_cls = _classes(name)
+    src_cls, dst_cls = (fused_cls, torch_cls) if direction == "fused to torch" else (torch_cls, fused_cls)
+    kwargs = everything(name)
+    src_params = leaves(random_tensors(SHAPES, torch.float32, 0, device))
+    src = src_cls(src_params, **kwargs)
+    for step in range(4):
+        for i, p in enumerate(src_params):
+            p.grad = None if _skips(step, i) else torch.randn_like(p)
+        src.step()
+    torch.save(src.state_dict(), tmp_path / "optim.pt")
+    dst_params = leaves([p.detach() for p in src_params])
+    dst = dst_cls(dst_params)
+    dst.load_state_dict(torch.load(tmp_path / "optim.pt"))
+    assert_same(dst, src, dst_params, src_params, {"rtol": 0, "atol": 0}, "right after loading")
+    for step in range(4):
+        set_grads(dst_params, src_params, step, 3)
+        dst.step()
+        src.step()
+        assert_same(dst, src, dst_params, src_params, TOL, f"{step + 1} steps after loading")
+
+
+@pytest.mark.parametrize("name", ALGORITHMS)
+def test_bad_arguments_raise_like_torch(name):
+    fused_cls, torch_cls = _classes(name)
+    for kwargs in BAD_ARGS[name]:
+        with pytest.raises(Exception) as theirs:
+            torch_cls([torch.zeros(2, requires_grad=True)], **kwargs)
+        with pytest.raises(Exception) as ours:
+            fused_cls([torch.zeros(2, requires_grad=True)], **kwargs)
+        assert (type(ours.value), str(ours.value)) == (type(theirs.value), str(theirs.value)), kwargs
+
+
+@pytest.mark.parametrize("name", ALGORITHMS)
+def test_signature_and_defaults_match_torch(name):
+    fused_cls, torch_cls = _classes(name)
+    ours = inspect.signature(fused_cls.__init__).parameters
+    theirs = inspect.signature(torch_cls.__init__).parameters
+    assert [(p.name, p.kind, p.default) for p in ours.values()] == [
+        (p.name, p.kind, p.default) for p in theirs.values()
+    ]
+
+
+UNIMPLEMENTED = [
+    pytest.param(name, option, id=f"{name}-{option}")
+    for name in ALGORITHMS
+    for option in ("capturable", "differentiable")
+    if option in inspect.signature(getattr(torch.optim, name).__init__).parameters
+]
+
+
+@pytest.mark.parametrize(("name", "option"), UNIMPLEMENTED)
+def test_unimplemented_options_raise(name, option):
+    with pytest.raises(NotImplementedError, match=f"{option}=True"):
+        _classes(name)[0]([torch.zeros(2, requires_grad=True)], **{option: True})
+
+
+@pytest.mark.parametrize("name", [n for n in ALGORITHMS if n not in ("SGD", "Adagrad")])
+def test_sparse_grads_raise_like_torch(name, device):
+    messages = []
+    for cls in _classes(name):
+        p = torch.randn(4, 3, device=device, requires_grad=True)
+        p.grad = torch.randn(4, 3, device=device).to_sparse()
+        before = p.detach().clone()
+        with pytest.raises(RuntimeError) as err:
+            cls([p]).step()
+        assert torch.equal(p, before)
+        messages.append(str(err.value))
+    assert messages[0] == messages[1]
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [
+        ("SGD", {"lr": 0.1}),
+        ("SGD", {"lr": 0.1, "momentum": 0.9, "nesterov": True}),
+        ("Adagrad", {"lr": 0.1, "lr_decay": 0.01}),
+    ],
+)
+def test_sparse_grads_match_torch(name, kwargs, device):
+    """Sparse grads take torch's own code; dense params of the same group stay fused."""
+    init = random_tensors([(6, 4), (5, 3), (7,)], torch.float32, 1, device)
+    ours, theirs = leaves(init), leaves(init)
+    opt, ref = _classes(name)[0](ours, **kwargs), _classes(name)[1](theirs, **kwargs)
+    gen = torch.Generator().manual_seed(2)
+    for step in range(6):
+        for i, (p, q) in enumerate(zip(ours, theirs)):
+            g = torch.randn(p.shape, generator=gen).to(device)
+            if i == 0:  # an embedding-like grad: a few rows, different ones each step
+                rows = torch.zeros(p.shape[0], dtype=torch.bool, device=device)
+                rows[[1, 4] if step % 2 else [0, 2, 3]] = True
+                g = (g * rows[:, None]).to_sparse()
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        ref.step()
+        for i, (p, q) in enumerate(zip(ours, theirs)):
+            torch.testing.assert_close(p, q, **TOL, msg=lambda m, i=i, s=step: f"param {i} step {s + 1}: {m}")
+            assert opt.state[p].keys() == ref.state[q].keys()
+            for key, value in ref.state[q].items():
+                mine = opt.state[p][key]
+                assert mine.layout == value.layout, (key, mine.layout, value.layout)
+                torch.testing.assert_close(mine.to_dense(), value.to_dense(), **TOL)
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adagrad"])
+def test_sparse_grads_with_weight_decay_raise_like_torch(name, device):
+    """torch raises partway through the step; fused_optim raises the same error before any change."""
+    messages = []
+    for cls in _classes(name):
+        a = torch.randn(3, device=device, requires_grad=True)
+        b = torch.randn(4, 2, device=device, requires_grad=True)
+        a.grad = torch.randn(3, device=device)
+        b.grad = torch.randn(4, 2, device=device).to_sparse()
+        before = a.detach().clone()
+        with pytest.raises(RuntimeError) as err:
+            cls([a, b], lr=0.1, weight_decay=0.1).step()
+        messages.append(str(err.value))
+        if cls.__module__.startswith("fused_optim"):
+            assert torch.equal(a, before)
+    assert messages[0] == messages[1]
+
+
+def test_adagrad_state_exists_from_construction(device):
+    init = random_tensors(SHAPES, torch.float32, 0, device)
+    ours = fused_optim.Adagrad(leaves(init), initial_accumulator_value=0.3)
+    theirs = torch.optim.Adagrad(leaves(init), initial_accumulator_value=0.3)
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert a["param_groups"] == b["param_groups"] and a["state"].keys() == b["state"].keys()
+    for pid, state in b["state"].items():
+        for key, value in state.items():
+            torch.testing.assert_close(a["state"][pid][key], value, rtol=0, atol=0)
+
+
+def test_adagrad_share_memory(device):
+    opt = fused_optim.Adagrad([torch.randn(5, requires_grad=True), torch.randn(3, requires_grad=True)])
+    opt.share_memory()
+    assert all(opt.state[p]["sum"].is_shared() for p in opt.param_groups[0]["params"])
+
+
+def test_sgd_without_momentum_keeps_no_state(device):
+    opt, ref, _, _ = run_parity(fused_optim.SGD, torch.optim.SGD, {"lr": 0.1}, device=device, steps=3)
+    assert len(ref.state) == 0 and len(opt.state) == 0
+    assert opt.state_dict()["state"] == {}
+
+
+def test_sgd_momentum_buffer_starts_as_the_grad(device):
+    """torch creates the buffer from the first (decayed) grad; a param that joins later too."""
+    opt, ref, params, ref_params = run_parity(
+        fused_optim.SGD,
+        torch.optim.SGD,
+        {"lr": 0.1, "momentum": 0.9, "dampening": 0.5, "weight_decay": 0.1},
+        device=device,
+        steps=1,
+        grad_none=lambda step, i: i == 2,
+    )
+    assert "momentum_buffer" not in opt.state[params[2]]
+    for step in range(1, 4):  # param 2 gets its first grad now
+        set_grads(params, ref_params, step, 0)
+        opt.step()
+        ref.step()
+        assert_same(opt, ref, params, ref_params, TOL, f"after step {step + 1}")
+
+
+def test_nadam_mu_product_per_param(device):
+    opt, _, params, _ = run_parity(
+        fused_optim.NAdam, torch.optim.NAdam, {"lr": 0.01}, device=device, steps=8, grad_none=_skips
+    )
+    values = {float(opt.state[p]["mu_product"]) for p in params if opt.state[p]}
+    assert len(values) > 1  # params at different steps carry different products, as in torch
+
+
+def test_deepcopy_of_every_optimizer_continues_identically(device):
+    for name in ALGORITHMS:
+        params = leaves(random_tensors(SHAPES[:3], torch.float32, 4, device))
+        opt = _classes(name)[0](params, **everything(name))
+        for _ in range(2):
+            for p in params:
+                p.grad = torch.randn_like(p)
+            opt.step()
+        clone = copy.deepcopy(opt)
+        clone_params = [p for g in clone.param_groups for p in g["params"]]
+        for p, c in zip(params, clone_params):
+            p.grad = torch.randn_like(p)
+            c.grad = p.grad.clone()
+        opt.step()
+        clone.step()
+        assert_same(clone, opt, clone_params, params, {"rtol": 0, "atol": 0}, f"{name} after deepcopy")

@@ -324,6 +324,10 @@ class FusedOptimizer(Optimizer):
     _num_warps = 8  # 256 threads per program; elements per program follow from the dtype (block_size)
 
     def __init__(self, params, defaults: dict) -> None:
+        # ``defaults`` holds exactly the constructor's keyword arguments, as in torch.optim: torch's
+        # own checks see them first, so bad arguments raise torch's errors.
+        check_like_torch(self._torch_cls, **defaults)
+        self._check_options(defaults)
         super().__init__(params, defaults)
         self._reset_engine()
         if self._eager_state:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._base import FusedOptimizer, _as_float, call_torch, check_like_torch
+from ._base import FusedOptimizer, _as_float, call_torch
 from .kernels import adadelta_step
 
 __all__ = ["Adadelta"]
@@ -48,17 +48,6 @@ class Adadelta(FusedOptimizer):
         maximize: bool = False,
         differentiable: bool = False,
     ) -> None:
-        check_like_torch(
-            self._torch_cls,
-            lr=lr,
-            rho=rho,
-            eps=eps,
-            weight_decay=weight_decay,
-            foreach=foreach,
-            capturable=capturable,
-            maximize=maximize,
-            differentiable=differentiable,
-        )
         defaults = {
             "lr": lr,
             "rho": rho,
@@ -69,7 +58,6 @@ class Adadelta(FusedOptimizer):
             "foreach": foreach,
             "differentiable": differentiable,
         }
-        self._check_options(defaults)
         super().__init__(params, defaults)
 
     def __setstate__(self, state) -> None:

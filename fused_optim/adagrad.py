@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._base import FusedOptimizer, _as_float, call_torch, check_like_torch
+from ._base import FusedOptimizer, _as_float, call_torch
 from .kernels import adagrad_step
 
 __all__ = ["Adagrad"]
@@ -53,18 +53,6 @@ class Adagrad(FusedOptimizer):
         differentiable: bool = False,
         fused: bool | None = None,
     ) -> None:
-        check_like_torch(
-            self._torch_cls,
-            lr=lr,
-            lr_decay=lr_decay,
-            weight_decay=weight_decay,
-            initial_accumulator_value=initial_accumulator_value,
-            eps=eps,
-            foreach=foreach,
-            maximize=maximize,
-            differentiable=differentiable,
-            fused=fused,
-        )
         defaults = {
             "lr": lr,
             "lr_decay": lr_decay,
@@ -76,7 +64,6 @@ class Adagrad(FusedOptimizer):
             "differentiable": differentiable,
             "fused": fused,
         }
-        self._check_options(defaults)
         super().__init__(params, defaults)
 
     def __setstate__(self, state) -> None:

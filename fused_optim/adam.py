@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._base import FusedOptimizer, _as_float, check_like_torch
+from ._base import FusedOptimizer, _as_float
 from .kernels import adam_step
 
 __all__ = ["Adam", "AdamW"]
@@ -62,20 +62,6 @@ class Adam(FusedOptimizer):
         fused: bool | None = None,
         decoupled_weight_decay: bool = False,
     ) -> None:
-        check_like_torch(
-            self._torch_cls,
-            lr=lr,
-            betas=betas,
-            eps=eps,
-            weight_decay=weight_decay,
-            amsgrad=amsgrad,
-            foreach=foreach,
-            maximize=maximize,
-            capturable=capturable,
-            differentiable=differentiable,
-            fused=fused,
-            decoupled_weight_decay=decoupled_weight_decay,
-        )
         defaults = {
             "lr": lr,
             "betas": tuple(map(_to_scalar, betas)),
@@ -89,7 +75,6 @@ class Adam(FusedOptimizer):
             "fused": fused,
             "decoupled_weight_decay": decoupled_weight_decay,
         }
-        self._check_options(defaults)
         super().__init__(params, defaults)
 
     def __setstate__(self, state) -> None:

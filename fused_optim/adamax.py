@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._base import FusedOptimizer, _as_float, call_torch, check_like_torch
+from ._base import FusedOptimizer, _as_float, call_torch
 from .kernels import adamax_step
 
 __all__ = ["Adamax"]
@@ -48,17 +48,6 @@ class Adamax(FusedOptimizer):
         differentiable: bool = False,
         capturable: bool = False,
     ) -> None:
-        check_like_torch(
-            self._torch_cls,
-            lr=lr,
-            betas=betas,
-            eps=eps,
-            weight_decay=weight_decay,
-            foreach=foreach,
-            maximize=maximize,
-            differentiable=differentiable,
-            capturable=capturable,
-        )
         defaults = {
             "lr": lr,
             "betas": betas,
@@ -69,7 +58,6 @@ class Adamax(FusedOptimizer):
             "differentiable": differentiable,
             "capturable": capturable,
         }
-        self._check_options(defaults)
         super().__init__(params, defaults)
 
     def __setstate__(self, state) -> None:

@@ -7,7 +7,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from ._base import FusedOptimizer, _as_float, call_torch, check_like_torch
+from ._base import FusedOptimizer, _as_float, call_torch
 from .kernels import nadam_step
 
 __all__ = ["NAdam"]
@@ -64,19 +64,6 @@ class NAdam(FusedOptimizer):
         capturable: bool = False,
         differentiable: bool = False,
     ) -> None:
-        check_like_torch(
-            self._torch_cls,
-            lr=lr,
-            betas=betas,
-            eps=eps,
-            weight_decay=weight_decay,
-            momentum_decay=momentum_decay,
-            decoupled_weight_decay=decoupled_weight_decay,
-            foreach=foreach,
-            maximize=maximize,
-            capturable=capturable,
-            differentiable=differentiable,
-        )
         defaults = {
             "lr": lr,
             "betas": betas,
@@ -89,7 +76,6 @@ class NAdam(FusedOptimizer):
             "capturable": capturable,
             "differentiable": differentiable,
         }
-        self._check_options(defaults)
         super().__init__(params, defaults)
 
     def __setstate__(self, state) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._base import FusedOptimizer, _as_float, call_torch, check_like_torch
+from ._base import FusedOptimizer, _as_float, call_torch
 from .kernels import radam_step
 
 __all__ = ["RAdam"]
@@ -54,18 +54,6 @@ class RAdam(FusedOptimizer):
         capturable: bool = False,
         differentiable: bool = False,
     ) -> None:
-        check_like_torch(
-            self._torch_cls,
-            lr=lr,
-            betas=betas,
-            eps=eps,
-            weight_decay=weight_decay,
-            decoupled_weight_decay=decoupled_weight_decay,
-            foreach=foreach,
-            maximize=maximize,
-            capturable=capturable,
-            differentiable=differentiable,
-        )
         defaults = {
             "lr": lr,
             "betas": betas,
@@ -77,7 +65,6 @@ class RAdam(FusedOptimizer):
             "decoupled_weight_decay": decoupled_weight_decay,
             "differentiable": differentiable,
         }
-        self._check_options(defaults)
         super().__init__(params, defaults)
 
     def __setstate__(self, state) -> None:

@@ -224,9 +224,12 @@ def decay_addcmul(avg, x, beta, weight):
 
 
 @triton.jit
-def weight_decay(p, g, decay, WEIGHT_DECAY: tl.constexpr, DECOUPLED: tl.constexpr):
-    """L2 decay ``g + decay * p`` (torch's ``grad.add(param, alpha=weight_decay)``) or, DECOUPLED,
-    ``p * decay`` with ``decay = 1 - lr * weight_decay``."""
+def prepare_grad(p, g, decay, MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, DECOUPLED: tl.constexpr):
+    """The grad every algorithm starts from, in torch's order: negated if MAXIMIZE, then L2 decay
+    ``g + decay * p`` (``grad.add(param, alpha=weight_decay)``) or, DECOUPLED, the param decayed
+    as ``p * decay`` with ``decay = 1 - lr * weight_decay``. Returns (p, g)."""
+    if MAXIMIZE:
+        g = -g
     if WEIGHT_DECAY:
         if DECOUPLED:
             p = p * decay

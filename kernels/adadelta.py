@@ -17,10 +17,10 @@ from ._tables import (
     jit_kernel,
     launch,
     locate,
+    prepare_grad,
     region,
     to_storage,
     triton_dtype,
-    weight_decay,
 )
 
 _SCALARS = ["neg_lr", "rho", "rho_w", "eps", "decay"]
@@ -56,9 +56,7 @@ def _adadelta_block(
     g = tl.load(g_ptr + offs, mask=mask).to(C_DTYPE)
     sq = tl.load(sq_ptr + offs, mask=mask).to(C_DTYPE)
     acc = tl.load(acc_ptr + offs, mask=mask).to(C_DTYPE)
-    if MAXIMIZE:
-        g = -g
-    p, g = weight_decay(p, g, decay, WEIGHT_DECAY, False)
+    p, g = prepare_grad(p, g, decay, MAXIMIZE, WEIGHT_DECAY, False)
     sq = decay_addcmul(sq, g, rho, rho_w)  # square_avg.mul_(rho).addcmul_(grad, grad, value=1 - rho)
     std = ieee_sqrt(sq + eps, C_DTYPE)  # square_avg.add(eps).sqrt_()
     delta = ieee_div(ieee_sqrt(acc + eps, C_DTYPE), std, C_DTYPE) * g  # acc_delta.add(eps).sqrt_().div_(std).mul_(grad)

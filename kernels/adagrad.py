@@ -16,12 +16,12 @@ from ._tables import (
     jit_kernel,
     launch,
     locate,
+    prepare_grad,
     region,
     step_args,
     step_scalar,
     to_storage,
     triton_dtype,
-    weight_decay,
 )
 
 _SCALARS = ["decay", "eps", "neg_clr"]
@@ -52,9 +52,7 @@ def _adagrad_block(
     p = tl.load(p_ptr + offs, mask=mask).to(C_DTYPE)
     g = tl.load(g_ptr + offs, mask=mask).to(C_DTYPE)
     s = tl.load(s_ptr + offs, mask=mask).to(C_DTYPE)
-    if MAXIMIZE:
-        g = -g
-    p, g = weight_decay(p, g, decay, WEIGHT_DECAY, False)
+    p, g = prepare_grad(p, g, decay, MAXIMIZE, WEIGHT_DECAY, False)
     s = tl.fma(g, g, s)  # state_sum.addcmul_(grad, grad, value=1)
     std = ieee_sqrt(s, C_DTYPE) + eps  # state_sum.sqrt().add_(eps)
     p = p + ieee_div(neg_clr * g, std, C_DTYPE)  # param.addcdiv_(grad, std, value=-clr)

@@ -15,13 +15,13 @@ from ._tables import (
     jit_kernel,
     launch,
     locate,
+    prepare_grad,
     region,
     step_args,
     step_scalar,
     to_storage,
     torch_lerp,
     triton_dtype,
-    weight_decay,
 )
 
 _SCALARS = ["decay", "lerp_w", "beta2", "eps", "neg_clr"]
@@ -57,9 +57,7 @@ def _adamax_block(
     g = tl.load(g_ptr + offs, mask=mask).to(C_DTYPE)
     m = tl.load(m_ptr + offs, mask=mask).to(C_DTYPE)
     u = tl.load(u_ptr + offs, mask=mask).to(C_DTYPE)
-    if MAXIMIZE:
-        g = -g
-    p, g = weight_decay(p, g, decay, WEIGHT_DECAY, False)
+    p, g = prepare_grad(p, g, decay, MAXIMIZE, WEIGHT_DECAY, False)
     m = torch_lerp(m, g, lerp_w)  # exp_avg.lerp_(grad, 1 - beta1)
     # torch.maximum(exp_inf.mul_(beta2), grad.abs().add_(eps), out=exp_inf)
     u = tl.maximum(u * beta2, tl.abs(g) + eps, propagate_nan=tl.PropagateNan.ALL)

@@ -17,13 +17,13 @@ from ._tables import (
     jit_kernel,
     launch,
     locate,
+    prepare_grad,
     region,
     step_args,
     step_scalar,
     to_storage,
     torch_lerp,
     triton_dtype,
-    weight_decay,
 )
 
 _SCALARS = ["decay", "lerp_w", "beta2", "sq_w", "eps", "bc2", "grad_coef", "avg_coef"]
@@ -63,9 +63,7 @@ def _nadam_block(
     g = tl.load(g_ptr + offs, mask=mask).to(C_DTYPE)
     m = tl.load(m_ptr + offs, mask=mask).to(C_DTYPE)
     v = tl.load(v_ptr + offs, mask=mask).to(C_DTYPE)
-    if MAXIMIZE:
-        g = -g
-    p, g = weight_decay(p, g, decay, WEIGHT_DECAY, DECOUPLED)
+    p, g = prepare_grad(p, g, decay, MAXIMIZE, WEIGHT_DECAY, DECOUPLED)
     m = torch_lerp(m, g, lerp_w)  # exp_avg.lerp_(grad, 1 - beta1)
     v = decay_addcmul(v, g, beta2, sq_w)  # exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
     denom = ieee_sqrt(ieee_div(v, bc2, C_DTYPE), C_DTYPE) + eps  # exp_avg_sq.div(bc2).sqrt().add_(eps)

@@ -17,11 +17,11 @@ from ._tables import (
     jit_kernel,
     launch,
     locate,
+    prepare_grad,
     region,
     to_storage,
     torch_lerp,
     triton_dtype,
-    weight_decay,
 )
 
 _SCALARS = ["neg_lr", "alpha", "alpha_w", "eps", "decay", "momentum"]
@@ -61,9 +61,7 @@ def _rmsprop_block(
     p = tl.load(p_ptr + offs, mask=mask).to(C_DTYPE)
     g = tl.load(g_ptr + offs, mask=mask).to(C_DTYPE)
     sq = tl.load(sq_ptr + offs, mask=mask).to(C_DTYPE)
-    if MAXIMIZE:
-        g = -g
-    p, g = weight_decay(p, g, decay, WEIGHT_DECAY, False)
+    p, g = prepare_grad(p, g, decay, MAXIMIZE, WEIGHT_DECAY, False)
     sq = decay_addcmul(sq, g, alpha, alpha_w)  # square_avg.mul_(alpha).addcmul_(grad, grad, value=1 - alpha)
     tl.store(sq_ptr + offs, to_storage(sq, S_DTYPE), mask=mask)
     if CENTERED:

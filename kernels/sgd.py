@@ -15,10 +15,10 @@ from ._tables import (
     jit_kernel,
     launch,
     locate,
+    prepare_grad,
     region,
     to_storage,
     triton_dtype,
-    weight_decay,
 )
 
 _SCALARS = ["neg_lr", "decay", "momentum", "damp_w"]
@@ -52,9 +52,7 @@ def _sgd_block(
     mask = None if FULL else offs < numel
     p = tl.load(p_ptr + offs, mask=mask).to(C_DTYPE)
     g = tl.load(g_ptr + offs, mask=mask).to(C_DTYPE)
-    if MAXIMIZE:
-        g = -g
-    p, g = weight_decay(p, g, decay, WEIGHT_DECAY, False)
+    p, g = prepare_grad(p, g, decay, MAXIMIZE, WEIGHT_DECAY, False)
     if MOMENTUM:
         if fresh:
             buf = g  # buf = grad.detach().clone()

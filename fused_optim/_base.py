@@ -616,8 +616,8 @@ class FusedOptimizer(Optimizer):
     # --- running a launch --------------------------------------------------------------------
     def _run(self, group, launch: _Launch, grads) -> None:
         seg = launch.seg
-        rows = launch.rows.tolist()
         if launch.tables is None:
+            rows = launch.rows.tolist()
             params = [seg.members[i] for i in rows]
             self._reference(
                 group,
@@ -634,7 +634,8 @@ class FusedOptimizer(Optimizer):
             self._launch(group, launch, self._advance(group, launch))
             for i, buf in launch.stage_params:
                 _real(seg.members[i]).copy_(buf)
-        seg.fresh.difference_update(rows)
+        if seg.fresh:  # this step wrote them
+            seg.fresh.difference_update(launch.rows.tolist())
 
     def _run_sparse(self, group, positions: list[int], grads) -> None:
         params = [group["params"][i] for i in positions]
@@ -668,6 +669,20 @@ class FusedOptimizer(Optimizer):
         distinct, inverse = np.unique(np.stack([values[k] for k in keys], axis=1), axis=0, return_inverse=True)
         per_row = [self._step_scalars(group, dict(zip(keys, map(float, row)))) for row in distinct]
         return scalar_table(np.asarray(per_row, dtype=np.float64)[inverse.reshape(-1)], seg.device)
+
+    # --- introspection ---------------------------------------------------------------------------
+    def bytes_per_step(self) -> int:
+        """Bytes one step moves through the kernels when every param that has state takes a step:
+        each param, grad and state element read once, each param and state element written once,
+        counted with their real element sizes (alignment padding excluded). The memory-bandwidth
+        floor of a step is this divided by the device's copy bandwidth."""
+        total = 0
+        for cache in self._caches.values():
+            for seg in cache.segments.values():
+                n = int(seg.numels.sum())
+                total += 3 * n * seg.dtype.itemsize  # param read and written, grad read
+                total += sum(2 * n * flat.dtype.itemsize for flat in seg.flat.values())
+        return total
 
     # --- torch.optim compatibility -----------------------------------------------------------
     def state_dict(self):

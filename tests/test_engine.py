@@ -223,3 +223,29 @@ def test_empty_param_group_and_no_grads(device):
     opt.step()
     ref.step()
     assert_same(opt, ref, params, ref_params, TOL, "with an empty group")
+
+
+@pytest.mark.parametrize(
+    ("cls", "kwargs", "per_param"),
+    [
+        ("SGD", {}, 12),
+        ("SGD", {"momentum": 0.9}, 20),
+        ("Adagrad", {}, 20),
+        ("Adadelta", {}, 28),
+        ("RMSprop", {"momentum": 0.9, "centered": True}, 36),
+        ("Adam", {}, 28),
+        ("AdamW", {"amsgrad": True}, 36),
+        ("NAdam", {}, 28),
+        ("RAdam", {}, 28),
+        ("Adamax", {}, 28),
+    ],
+)
+def test_bytes_per_step_counts_every_array(cls, kwargs, per_param, device):
+    """fp32: 4 bytes per element of each array read (param, grad, states) and written (param, states)."""
+    params = [torch.randn(n, device=device, requires_grad=True) for n in (17, 1000, 3)]
+    params.append(torch.randn(5, device=device, dtype=torch.bfloat16, requires_grad=True))
+    opt = getattr(fused_optim, cls)(params, **kwargs)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert opt.bytes_per_step() == per_param * 1020 + per_param // 2 * 5

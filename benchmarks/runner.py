@@ -1,0 +1,318 @@
+"""``python -m benchmarks``: parity with torch.optim, then the roofline suite.
+
+Every point runs fused_optim next to what users would otherwise pick, in the same process:
+torch's for-loop (``foreach=False``), foreach and fused implementations, ``torch.compile``d
+``opt.step`` (compile time reported separately), and a device-to-device copy of the same number
+of bytes as the ceiling. Bytes per step come from ``FusedOptimizer.bytes_per_step()``: every
+param, grad and state element read once, every param and state element written once, at their
+real element sizes. Without CUDA everything runs tiny through Triton's interpreter and torch on
+CPU, and the output says these are not performance figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import gc
+import json
+import platform
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import triton
+
+import fused_optim
+from fused_optim.kernels import INTERPRETED
+
+from .parity import parity_table
+from .timing import copy_gbps, device_time_ms, host_time_us, kernels_skipped
+from .workloads import ALGORITHMS, WORKLOAD_ALGORITHMS, Point, plan
+
+PROVIDERS = ("fused_optim", "torch for-loop", "torch foreach", "torch fused", "torch.compile")
+TORCH_FUSED = {"Adam", "AdamW", "SGD", "Adagrad"}  # torch.optim classes with fused=True
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+HEADERS = {
+    "sizes": "size sweep, 64 tensors",
+    "counts": "the same total split into more and more tensors",
+    "models": "real model parameter lists",
+    "algorithms": "every algorithm at one size",
+}
+
+
+@dataclass
+class Row:
+    workload: str
+    point: str
+    algorithm: str
+    provider: str
+    n_params: int
+    n_tensors: int
+    dtype: str
+    bytes_per_step: int
+    median_ms: float | None = None
+    p20_ms: float | None = None
+    p80_ms: float | None = None
+    gbps: float | None = None
+    copy_gbps: float | None = None
+    pct_of_copy: float | None = None
+    compile_s: float | None = None
+    host_us: float | None = None
+    note: str = ""
+
+
+def _params(shapes, device, dtype, seed=0):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    params = [torch.randn(s, generator=gen, device=device, dtype=dtype).requires_grad_() for s in shapes]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen, device=device, dtype=dtype)
+    return params
+
+
+def _step_fn(provider: str, name: str, params):
+    """(step callable, compile seconds or None), or raise when torch has no such implementation."""
+    kwargs = ALGORITHMS[name]
+    if provider == "fused_optim":
+        opt = getattr(fused_optim, name)(params, **kwargs)
+        return opt.step, None
+    torch_cls = getattr(torch.optim, name)
+    if provider == "torch for-loop":
+        return torch_cls(params, foreach=False, **kwargs).step, None
+    if provider == "torch foreach":
+        return torch_cls(params, foreach=True, **kwargs).step, None
+    if provider == "torch fused":
+        if name not in TORCH_FUSED:
+            raise NotImplementedError(f"torch.optim.{name} has no fused implementation")
+        return torch_cls(params, fused=True, **kwargs).step, None
+    opt = torch_cls(params, **kwargs)
+
+    @torch.compile(fullgraph=False)
+    def compiled_step():
+        opt.step()
+
+    start = time.perf_counter()
+    compiled_step()
+    _sync(params[0].device)
+    return compiled_step, time.perf_counter() - start
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _release():
+    torch._dynamo.reset()  # compiled steps keep their optimizer (and its state) alive otherwise
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def measure(point: Point, name: str, providers, device, dtype: str) -> list[Row]:
+    params = _params(point.shapes, device, DTYPES[dtype])
+    probe = getattr(fused_optim, name)(params, **ALGORITHMS[name])
+    probe.step()
+    n_bytes = probe.bytes_per_step()
+    del probe
+    _release()
+    ceiling = copy_gbps(n_bytes, device) if point.workload != "host" else None
+    base = {
+        "workload": point.workload,
+        "point": point.label,
+        "algorithm": name,
+        "n_params": point.n_params,
+        "n_tensors": len(point.shapes),
+        "dtype": dtype,
+        "bytes_per_step": n_bytes,
+        "copy_gbps": ceiling,
+    }
+    rows = []
+    for provider in providers:
+        row = Row(provider=provider, **base)
+        try:
+            step, row.compile_s = _step_fn(provider, name, params)
+            if point.workload == "host":
+                skip = kernels_skipped() if provider == "fused_optim" and device.type == "cpu" else _nothing()
+                with skip:
+                    row.host_us = host_time_us(step, device, calls=50 if device.type == "cuda" else 5)
+            else:
+                row.median_ms, row.p20_ms, row.p80_ms = device_time_ms(step, device)
+                row.gbps = n_bytes / (row.median_ms * 1e-3) / 1e9
+                row.pct_of_copy = 100 * row.gbps / ceiling
+        except Exception as err:  # a provider torch does not offer here: recorded, not fatal
+            row.note = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
+        rows.append(row)
+        step = None
+        _release()
+    return rows
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _device(device) -> tuple[str, str]:
+    """(name, slug for the results folder)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"CPU {platform.machine()} (Triton {'interpreter' if INTERPRETED else 'not used'})"
+    slug = "cpu-interpreter" if device.type == "cpu" else re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    return name, slug
+
+
+def _print_rows(rows: list[Row]) -> None:
+    by_case: dict[tuple, list[Row]] = {}
+    for row in rows:
+        by_case.setdefault((row.workload, row.point, row.algorithm), []).append(row)
+    for (workload, point, algorithm), case in by_case.items():
+        fused = next((r for r in case if r.provider == "fused_optim"), None)
+        head = f"  {algorithm:<9} {point:<28} {case[0].bytes_per_step / 1e6:10.1f} MB/step"
+        if workload == "host":
+            print(head)
+            for r in case:
+                value = f"{r.host_us:10.1f} us" if r.host_us is not None else f"  {r.note}"
+                print(f"      {r.provider:<16}{value}")
+            continue
+        print(f"{head}   copy {case[0].copy_gbps:8.1f} GB/s")
+        print(f"      {'provider':<16}{'ms/step':>10}{'GB/s':>10}{'% copy':>9}{'fused speedup':>15}{'compile s':>11}")
+        for r in case:
+            if r.median_ms is None:
+                print(f"      {r.provider:<16}  {r.note}")
+                continue
+            ratio = f"{r.median_ms / fused.median_ms:14.2f}x" if fused and fused.median_ms else ""
+            comp = f"{r.compile_s:11.1f}" if r.compile_s is not None else ""
+            print(f"      {r.provider:<16}{r.median_ms:10.4f}{r.gbps:10.1f}{r.pct_of_copy:8.1f}%{ratio:>15}{comp}")
+
+
+def _plot(rows: list[Row], workload: str, title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    selected = [r for r in rows if r.workload == workload and r.gbps is not None]
+    algorithms = list(dict.fromkeys(r.algorithm for r in selected))
+    if not algorithms:
+        return
+    fig, axes = plt.subplots(1, len(algorithms), figsize=(5 * len(algorithms), 4), squeeze=False)
+    for ax, name in zip(axes[0], algorithms):
+        mine = [r for r in selected if r.algorithm == name]
+        xs = sorted({_x(r, workload) for r in mine})
+        for provider in PROVIDERS:
+            points = sorted((_x(r, workload), r.gbps) for r in mine if r.provider == provider)
+            if points:
+                ax.plot(*zip(*points), marker="o", label=provider)
+        copy = sorted({(_x(r, workload), r.copy_gbps) for r in mine})
+        ax.plot(*zip(*copy), linestyle="--", color="black", label="copy, same bytes")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(xs)
+        ax.set_title(name)
+        if workload == "sizes":
+            ax.set_xlabel(f"params ({mine[0].n_tensors} tensors)")
+        else:
+            ax.set_xlabel(f"tensors ({mine[0].n_params:,} params in all)")
+        ax.set_ylabel("GB/s (bytes read + written)")
+        ax.grid(True, alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _x(row: Row, workload: str) -> int:
+    return row.n_params if workload == "sizes" else row.n_tensors
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("--workloads", default="sizes,counts,models,algorithms,host",
+                        help="comma-separated subset of sizes,counts,models,algorithms,host")  # fmt: skip
+    parser.add_argument("--algorithms", default=None, help="comma-separated filter, e.g. Adam,SGD")
+    parser.add_argument("--quick", action="store_true", help="fewer and smaller points (CUDA)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="time torch.compile'd steps (default: on with CUDA, off on CPU)")  # fmt: skip
+    parser.add_argument("--parity", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results/<device>)")
+    args = parser.parse_args(argv)
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    name, slug = _device(device)
+    out = args.out or Path(__file__).parent / "results" / slug
+    compile_ok = cuda if args.compile is None else args.compile
+    providers = [p for p in PROVIDERS if compile_ok or p != "torch.compile"]
+    only = set(args.algorithms.split(",")) if args.algorithms else None
+    command = " ".join(["python -m benchmarks", *(argv if argv is not None else sys.argv[1:])])
+    meta = {
+        "device": name,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": triton.__version__,
+        "fused_optim": fused_optim.__version__,
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+        "performance_figures": cuda,
+    }
+    print("fused_optim benchmarks")
+    print(" | ".join(f"{k}: {v}" for k, v in meta.items() if k != "performance_figures"))
+    if not cuda:
+        print("NOTE: no CUDA. Kernels run on CPU through Triton's interpreter and torch runs on CPU, at tiny")
+        print("sizes: the timings below are NOT performance figures. Host times of fused_optim leave out")
+        print("the kernels (the interpreter runs them inside the launch).")
+
+    if args.parity:
+        print()
+        if cuda:
+            parity_table(device, 2**20, tensors=64, steps=10)
+        else:
+            parity_table(device, 2**12, tensors=8, steps=4)
+
+    points = plan(cuda, args.quick)
+    tasks = [
+        (workload, point, algo)
+        for workload in args.workloads.split(",")
+        for point in points[workload]
+        for algo in WORKLOAD_ALGORITHMS[workload]
+        if only is None or algo in only
+    ]
+    rows: list[Row] = []
+    from tqdm import tqdm
+
+    for _, point, algo in tqdm(tasks, desc="measuring", unit="case", file=sys.stderr, disable=None):
+        rows += measure(point, algo, providers, device, args.dtype)
+
+    for workload in args.workloads.split(","):
+        mine = [r for r in rows if r.workload == workload]
+        if mine:
+            what = "host time of the step() call, device idle" if workload == "host" else HEADERS[workload]
+            print(f"\n== {workload}, {args.dtype}: {what}")
+            _print_rows(mine)
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=1))
+    with (out / "results.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0])) if rows else ["workload"])
+        writer.writeheader()
+        writer.writerows(asdict(r) for r in rows)
+    if args.plots:
+        title = f"{name}, {args.dtype}, torch {torch.__version__}, triton {triton.__version__}, {meta['date'][:10]}"
+        if not cuda:
+            title += ": NOT performance figures"
+        _plot(rows, "sizes", title, out / "sizes.png")
+        _plot(rows, "counts", title, out / "counts.png")
+    print(f"\nresults: {out}")
+    return 0

@@ -1,0 +1,114 @@
+"""What the suite measures: algorithms with their arguments, and parameter lists (shapes only)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# name -> constructor arguments used for every provider
+ALGORITHMS: dict[str, dict] = {
+    "Adam": {"lr": 1e-3},
+    "AdamW": {"lr": 1e-3, "weight_decay": 0.01},
+    "SGD": {"lr": 1e-2, "momentum": 0.9},
+    "Adagrad": {"lr": 1e-2},
+    "Adadelta": {},
+    "RMSprop": {"lr": 1e-3},
+    "NAdam": {},
+    "RAdam": {},
+    "Adamax": {},
+}
+
+
+@dataclass
+class Point:
+    """One measured configuration: a list of parameter shapes, labelled for tables and plots."""
+
+    workload: str  # "sizes", "counts", "models", "algorithms", "host"
+    label: str
+    shapes: list[tuple[int, ...]]
+    x: int  # the swept quantity: total params (sizes), tensor count (counts), else total params
+
+    @property
+    def n_params(self) -> int:
+        return sum(_numel(s) for s in self.shapes)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def split(total: int, tensors: int) -> list[tuple[int, ...]]:
+    """``total`` elements over ``tensors`` 1-D tensors of (nearly) equal size."""
+    base, extra = divmod(total, tensors)
+    return [(base + (1 if i < extra else 0),) for i in range(tensors)]
+
+
+def size_sweep(exponents, tensors: int = 64) -> list[Point]:
+    return [Point("sizes", f"2^{e} params / {tensors} tensors", split(2**e, tensors), 2**e) for e in exponents]
+
+
+def count_sweep(total_exp: int, counts) -> list[Point]:
+    return [Point("counts", f"2^{total_exp} params / {n} tensors", split(2**total_exp, n), n) for n in counts]
+
+
+def gpt2(n_layer=12, n_embd=768, vocab=50257, ctx=1024) -> list[tuple[int, ...]]:
+    """GPT-2 (small by default) parameter shapes, as Hugging Face lays them out (Conv1D: in, out)."""
+    shapes = [(vocab, n_embd), (ctx, n_embd)]
+    for _ in range(n_layer):
+        shapes += [(n_embd,), (n_embd,), (n_embd, 3 * n_embd), (3 * n_embd,), (n_embd, n_embd), (n_embd,)]
+        shapes += [(n_embd,), (n_embd,), (n_embd, 4 * n_embd), (4 * n_embd,), (4 * n_embd, n_embd), (n_embd,)]
+    return [*shapes, (n_embd,), (n_embd,)]
+
+
+def llama(n_layer=16, hidden=2048, intermediate=8192, kv_dim=512, vocab=128256) -> list[tuple[int, ...]]:
+    """Llama-3.2-1B-like parameter shapes (tied embeddings, grouped-query attention)."""
+    shapes = [(vocab, hidden)]
+    for _ in range(n_layer):
+        shapes += [(hidden, hidden), (kv_dim, hidden), (kv_dim, hidden), (hidden, hidden)]
+        shapes += [(intermediate, hidden), (intermediate, hidden), (hidden, intermediate), (hidden,), (hidden,)]
+    return [*shapes, (hidden,)]
+
+
+def plan(cuda: bool, quick: bool) -> dict[str, list[Point]]:
+    """The points of every workload: full sizes on CUDA, tiny ones through the CPU interpreter."""
+    if cuda and not quick:
+        return {
+            "sizes": size_sweep(range(16, 29, 2)),
+            "counts": count_sweep(25, [1, 4, 16, 64, 256, 1024, 4096]),
+            "models": [
+                Point("models", "GPT-2 small (124M)", gpt2(), 0),
+                Point("models", "Llama 1B-like (1.24B)", llama(), 0),
+            ],
+            "algorithms": [Point("algorithms", "2^26 params / 64 tensors", split(2**26, 64), 2**26)],
+            "host": [Point("host", "1,000 tensors of 4,096", split(1000 * 4096, 1000), 1000)],
+        }
+    if cuda:  # quick
+        return {
+            "sizes": size_sweep(range(16, 27, 4)),
+            "counts": count_sweep(22, [1, 64, 4096]),
+            "models": [Point("models", "GPT-2 small (124M)", gpt2(), 0)],
+            "algorithms": [Point("algorithms", "2^22 params / 64 tensors", split(2**22, 64), 2**22)],
+            "host": [Point("host", "1,000 tensors of 4,096", split(1000 * 4096, 1000), 1000)],
+        }
+    return {  # CPU: tiny, through the interpreter; not performance figures
+        "sizes": size_sweep(range(8, 13, 2), tensors=4),
+        "counts": count_sweep(12, [1, 4, 16]),
+        "models": [
+            Point("models", "GPT-2-like, tiny", gpt2(n_layer=2, n_embd=32, vocab=256, ctx=64), 0),
+            Point("models", "Llama-like, tiny", llama(n_layer=2, hidden=32, intermediate=64, kv_dim=8, vocab=256), 0),
+        ],
+        "algorithms": [Point("algorithms", "2^12 params / 4 tensors", split(2**12, 4), 2**12)],
+        "host": [Point("host", "1,000 tensors of 16", split(1000 * 16, 1000), 1000)],
+    }
+
+
+# Which algorithms each workload runs (the sweeps use the ones torch also fuses, for comparison).
+WORKLOAD_ALGORITHMS = {
+    "sizes": ["Adam", "AdamW", "SGD"],
+    "counts": ["Adam", "AdamW", "SGD"],
+    "models": ["AdamW"],
+    "algorithms": list(ALGORITHMS),
+    "host": ["Adam", "AdamW", "SGD"],
+}

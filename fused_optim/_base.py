@@ -27,6 +27,7 @@ import torch
 from torch.optim import Optimizer
 
 from .kernels import INTERPRETED
+from .kernels._features import Features
 from .kernels._tables import ALIGN, FLAG_FRESH, VEC_BYTES, Tables, block_size, build_tables, scalar_table
 
 __all__ = ["FusedOptimizer", "call_torch", "check_like_torch"]
@@ -231,6 +232,7 @@ class _Launch:
     rows_t: torch.Tensor | None
     tables: Tables | None  # None: the segment's device runs torch's implementation
     fresh: bool = False  # some rows carry FLAG_FRESH: the tables hold for this one step only
+    features: Features = field(default_factory=Features)  # AMP, clipping, master weights, ... (per step)
     stage_params: list = field(default_factory=list)  # (member index, buffer)
     stage_grads: list = field(default_factory=list)  # (group position, buffer)
 
@@ -359,6 +361,11 @@ class FusedOptimizer(Optimizer):
 
     def _reference(self, group, params, grads, states, fresh) -> None:
         raise NotImplementedError
+
+    def _lr(self, group, launch: _Launch) -> float:
+        """lr for a launch; a device tensor lr read by the kernel itself (capturable) is not read
+        on the host, and 0.0 stands in for it."""
+        return 0.0 if launch.features.lr_tensor is not None else _as_float(group["lr"])
 
     def _check_sparse(self, group) -> None:
         """Called when a group holds sparse grads (``_sparse_ok``): raise what torch raises."""
@@ -609,6 +616,7 @@ class FusedOptimizer(Optimizer):
             seg.numels[rows],
             vec_ok,
             flags,
+            rows,
             block_size(self._num_warps, seg.flat_itemsize),
             seg.device,
         )

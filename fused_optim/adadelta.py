@@ -78,11 +78,12 @@ class Adadelta(FusedOptimizer):
             seg.flat["square_avg"],
             seg.flat["acc_delta"],
             param_dtype=seg.dtype,
-            lr=_as_float(group["lr"]),
+            lr=self._lr(group, launch),
             rho=_as_float(group["rho"]),
             eps=_as_float(group["eps"]),
             weight_decay=_as_float(group["weight_decay"]),
             maximize=bool(group["maximize"]),
+            features=launch.features,
             num_warps=self._num_warps,
         )
 

@@ -103,10 +103,13 @@ class Adagrad(FusedOptimizer):
             launch.tables,
             seg.flat["sum"],
             param_dtype=seg.dtype,
+            lr=self._lr(group, launch),
+            lr_decay=_as_float(group["lr_decay"]),
             weight_decay=_as_float(group["weight_decay"]),
             eps=_as_float(group["eps"]),
             maximize=bool(group["maximize"]),
             step_scalars=step_scalars,
+            features=launch.features,
             num_warps=self._num_warps,
         )
 

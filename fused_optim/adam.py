@@ -108,7 +108,7 @@ class Adam(FusedOptimizer):
             seg.flat["exp_avg_sq"],
             seg.flat.get("max_exp_avg_sq"),
             param_dtype=seg.dtype,
-            lr=_as_float(group["lr"]),
+            lr=self._lr(group, launch),
             beta1=_as_float(beta1),
             beta2=_as_float(beta2),
             eps=_as_float(group["eps"]),
@@ -117,6 +117,7 @@ class Adam(FusedOptimizer):
             amsgrad=bool(group["amsgrad"]),
             maximize=bool(group["maximize"]),
             step_scalars=step_scalars,
+            features=launch.features,
             num_warps=self._num_warps,
         )
 

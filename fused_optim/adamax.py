@@ -89,7 +89,9 @@ class Adamax(FusedOptimizer):
             eps=_as_float(group["eps"]),
             weight_decay=_as_float(group["weight_decay"]),
             maximize=bool(group["maximize"]),
+            lr=self._lr(group, launch),
             step_scalars=step_scalars,
+            features=launch.features,
             num_warps=self._num_warps,
         )
 

@@ -114,14 +114,17 @@ class NAdam(FusedOptimizer):
             seg.flat["exp_avg"],
             seg.flat["exp_avg_sq"],
             param_dtype=seg.dtype,
-            lr=_as_float(group["lr"]),
+            lr=self._lr(group, launch),
             beta1=_as_float(beta1),
             beta2=_as_float(beta2),
             eps=_as_float(group["eps"]),
             weight_decay=_as_float(group["weight_decay"]),
             decoupled=bool(group["decoupled_weight_decay"]),
             maximize=bool(group["maximize"]),
+            momentum_decay=_as_float(group["momentum_decay"]),
             step_scalars=step_scalars,
+            features=launch.features,
+            mu_product=seg.scalars["mu_product"] if launch.features.steps is not None else None,
             num_warps=self._num_warps,
         )
 

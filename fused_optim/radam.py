@@ -99,7 +99,7 @@ class RAdam(FusedOptimizer):
             seg.flat["exp_avg"],
             seg.flat["exp_avg_sq"],
             param_dtype=seg.dtype,
-            lr=_as_float(group["lr"]),
+            lr=self._lr(group, launch),
             beta1=_as_float(beta1),
             beta2=_as_float(beta2),
             eps=_as_float(group["eps"]),
@@ -107,6 +107,7 @@ class RAdam(FusedOptimizer):
             decoupled=bool(group["decoupled_weight_decay"]),
             maximize=bool(group["maximize"]),
             step_scalars=step_scalars,
+            features=launch.features,
             num_warps=self._num_warps,
         )
 

@@ -93,13 +93,14 @@ class RMSprop(FusedOptimizer):
             seg.flat.get("momentum_buffer"),
             seg.flat.get("grad_avg"),
             param_dtype=seg.dtype,
-            lr=_as_float(group["lr"]),
+            lr=self._lr(group, launch),
             alpha=_as_float(group["alpha"]),
             eps=_as_float(group["eps"]),
             weight_decay=_as_float(group["weight_decay"]),
             momentum=_as_float(group["momentum"]),
             centered=bool(group["centered"]),
             maximize=bool(group["maximize"]),
+            features=launch.features,
             num_warps=self._num_warps,
         )
 

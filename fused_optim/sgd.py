@@ -94,12 +94,13 @@ class SGD(FusedOptimizer):
             launch.tables,
             seg.flat.get("momentum_buffer"),
             param_dtype=seg.dtype,
-            lr=_as_float(group["lr"]),
+            lr=self._lr(group, launch),
             weight_decay=_as_float(group["weight_decay"]),
             momentum=_as_float(group["momentum"]),
             dampening=_as_float(group["dampening"]),
             nesterov=bool(group["nesterov"]),
             maximize=bool(group["maximize"]),
+            features=launch.features,
             num_warps=self._num_warps,
         )
 

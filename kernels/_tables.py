@@ -4,7 +4,8 @@ One launch covers one *segment* (the tensors of a param group that share device 
 Two small int64 tables on the device describe it:
 
 * the tensor table, one row per tensor in the launch (``ROW`` columns):
-  ``param address, grad address, state offset, numel, vector end, flags``.
+  ``param address, grad address, state offset, numel, vector end, flags, member, 0``;
+  ``member`` indexes the segment's per-parameter scalar state (device steps).
   The state offset indexes the optimizer-owned flat state buffers (a multiple of ``ALIGN``
   elements, so every region is 16-byte aligned). ``vector end`` is the number of leading
   elements that may take the unmasked, 128-bit path: ``numel`` rounded down to a whole block
@@ -29,8 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-ROW = 6  # columns of the tensor table
-COL_PARAM, COL_GRAD, COL_STATE, COL_NUMEL, COL_VEC_END, COL_FLAGS = range(ROW)
+ROW = 8  # columns of the tensor table (64-byte rows)
+COL_PARAM, COL_GRAD, COL_STATE, COL_NUMEL, COL_VEC_END, COL_FLAGS, COL_MEMBER, _ = range(ROW)
 FLAG_FRESH = 1  # flags bit: state that torch creates from the first grad is written by this step
 ALIGN = 16  # state regions start at multiples of this many elements
 VEC_BYTES = 16  # the vectorized path needs param and grad addresses aligned to this
@@ -151,7 +152,7 @@ def locate(tensor_table, block_table, BLOCK: tl.constexpr):
     entry = tl.load(block_table + tl.program_id(0))
     t = entry >> 32
     start = (entry & 0xFFFFFFFF) * BLOCK
-    row = tensor_table + t * 6  # ROW
+    row = tensor_table + t * 8  # ROW
     p_addr = tl.load(row + 0)
     g_addr = tl.load(row + 1)
     s_off = tl.load(row + 2)
@@ -195,7 +196,7 @@ def region(base, s_off, ALIGNED: tl.constexpr):
 @triton.jit
 def is_fresh(tensor_table, t):
     """Whether tensor ``t`` carries FLAG_FRESH (1)."""
-    return (tl.load(tensor_table + t * 6 + 5) & 1) != 0  # ROW, COL_FLAGS, FLAG_FRESH
+    return (tl.load(tensor_table + t * 8 + 5) & 1) != 0  # ROW, COL_FLAGS, FLAG_FRESH
 
 
 @triton.jit
@@ -263,6 +264,7 @@ def build_tables(
     numels: np.ndarray,
     vec_ok: np.ndarray,
     flags: np.ndarray,
+    members: np.ndarray,
     block: int,
     device: torch.device,
 ) -> Tables:
@@ -276,6 +278,8 @@ def build_tables(
     rows[:, COL_NUMEL] = numels
     rows[:, COL_VEC_END] = np.where(vec_ok, numels // block * block, 0)
     rows[:, COL_FLAGS] = flags
+    rows[:, COL_MEMBER] = members
+    rows[:, 7] = 0
     per_tensor = -(-numels // block)  # blocks per tensor (0 for empty tensors)
     total = int(per_tensor.sum())
     tensor_of_block = np.repeat(np.arange(n, dtype=np.int64), per_tensor)

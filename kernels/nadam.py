@@ -5,6 +5,19 @@ import torch
 import triton
 import triton.language as tl
 
+from ._features import (
+    UNSPECIALIZED,
+    Features,
+    device_step,
+    feature_args,
+    grad_multiplier,
+    load_grad,
+    load_param,
+    lr_value,
+    pow64,
+    random_seed,
+    store_param,
+)
 from ._tables import (
     Tables,
     as_ptr,
@@ -26,7 +39,10 @@ from ._tables import (
     triton_dtype,
 )
 
-_SCALARS = ["decay", "lerp_w", "beta2", "sq_w", "eps", "bc2", "grad_coef", "avg_coef"]
+_SCALARS = [
+    "decay", "lerp_w", "beta2", "sq_w", "eps", "bc2", "grad_coef", "avg_coef", "beta1", "weight_decay",
+    "momentum_decay", *UNSPECIALIZED,
+]  # fmt: skip
 
 
 @triton.jit
@@ -35,9 +51,12 @@ def _nadam_block(
     g_addr,  # grad address
     exp_avg,  # flat state
     exp_avg_sq,  # flat state
+    master,  # flat fp32 master copy (MASTER)
     s_off,  # this tensor's offset in the flat state
     offs,  # element offsets of this block within the tensor
     numel,  # elements of the tensor
+    g_mult,  # grads are multiplied by this (1 / grad_scale * clip coefficient)
+    seed,  # stochastic rounding seed
     decay,  # 1 - lr * weight_decay (DECOUPLED) or weight_decay, in C_DTYPE like every scalar below
     lerp_w,  # 1 - beta1
     beta2,  # beta2
@@ -52,15 +71,19 @@ def _nadam_block(
     WEIGHT_DECAY: tl.constexpr,
     DECOUPLED: tl.constexpr,
     MAXIMIZE: tl.constexpr,
+    SCALE_GRAD: tl.constexpr,
+    MASTER: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
     FULL: tl.constexpr,  # an unmasked block of 16-byte-aligned tensors: 128-bit accesses
 ):
     p_ptr = as_ptr(p_addr, P_DTYPE, FULL)
     g_ptr = as_ptr(g_addr, P_DTYPE, FULL)
     m_ptr = region(exp_avg, s_off, FULL)
     v_ptr = region(exp_avg_sq, s_off, FULL)
+    w_ptr = region(master, s_off, FULL)
     mask = None if FULL else offs < numel
-    p = tl.load(p_ptr + offs, mask=mask).to(C_DTYPE)
-    g = tl.load(g_ptr + offs, mask=mask).to(C_DTYPE)
+    p = load_param(p_ptr, w_ptr, offs, mask, C_DTYPE, MASTER)
+    g = load_grad(g_ptr, offs, mask, g_mult, C_DTYPE, SCALE_GRAD)
     m = tl.load(m_ptr + offs, mask=mask).to(C_DTYPE)
     v = tl.load(v_ptr + offs, mask=mask).to(C_DTYPE)
     p, g = prepare_grad(p, g, decay, MAXIMIZE, WEIGHT_DECAY, DECOUPLED)
@@ -69,7 +92,7 @@ def _nadam_block(
     denom = ieee_sqrt(ieee_div(v, bc2, C_DTYPE), C_DTYPE) + eps  # exp_avg_sq.div(bc2).sqrt().add_(eps)
     p = p + ieee_div(grad_coef * g, denom, C_DTYPE)  # param.addcdiv_(grad, denom, value=grad_coef)
     p = p + ieee_div(avg_coef * m, denom, C_DTYPE)  # param.addcdiv_(exp_avg, denom, value=avg_coef)
-    tl.store(p_ptr + offs, to_storage(p, P_DTYPE), mask=mask)
+    store_param(p_ptr, w_ptr, p, offs, mask, seed, s_off + offs, P_DTYPE, MASTER, STOCHASTIC)
     tl.store(m_ptr + offs, to_storage(m, S_DTYPE), mask=mask)
     tl.store(v_ptr + offs, to_storage(v, S_DTYPE), mask=mask)
 
@@ -81,6 +104,13 @@ def _nadam_kernel(
     exp_avg,  # flat state: first moment
     exp_avg_sq,  # flat state: second moment
     step_table,  # *f64 [n, 3]: per-tensor (bc2, grad_coef, avg_coef) (PER_TENSOR_STEP), else any
+    mu_product,  # device mu_product of the segment, already advanced (DEVICE_STEP), else any
+    steps,  # device step counts (DEVICE_STEP); this and the next five: see _features
+    lr_ptr,
+    grad_scale,
+    found_inf,
+    clip_coef,
+    master,
     decay: tl.int64,  # 1 - lr * weight_decay (DECOUPLED) or weight_decay, as float_bits
     lerp_w: tl.int64,  # 1 - beta1
     beta2: tl.int64,  # beta2
@@ -89,6 +119,11 @@ def _nadam_kernel(
     bc2: tl.int64,  # 1 - beta2 ** step
     grad_coef: tl.int64,  # -lr * (1 - mu) / (1 - mu_product)
     avg_coef: tl.int64,  # -lr * mu_next / (1 - mu_product * mu_next)
+    beta1: tl.int64,  # beta1 (device steps)
+    weight_decay: tl.int64,  # weight_decay (device steps)
+    momentum_decay: tl.int64,  # momentum_decay (device steps)
+    lr: tl.int64,  # lr (device steps)
+    seed: tl.int64,  # stochastic rounding seed
     P_DTYPE: tl.constexpr,  # param and grad element type
     S_DTYPE: tl.constexpr,  # state element type
     C_DTYPE: tl.constexpr,  # math type: fp32, or fp64 for fp64 params
@@ -96,29 +131,61 @@ def _nadam_kernel(
     DECOUPLED: tl.constexpr,  # decay the param directly
     MAXIMIZE: tl.constexpr,
     PER_TENSOR_STEP: tl.constexpr,  # tensors of this launch differ in step or mu_product
+    DEVICE_STEP: tl.constexpr,  # step counts on the device; step scalars computed here
+    LR_ON_DEVICE: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr,
+    HAS_CLIP: tl.constexpr,
+    MASTER: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
     BLOCK: tl.constexpr,  # elements per program
 ):
     t, offs, p_addr, g_addr, s_off, numel, full = locate(tensor_table, block_table, BLOCK)
-    bc2_c = step_scalar(step_table, t, 0, 3, bc2, PER_TENSOR_STEP, C_DTYPE)
-    grad_c = step_scalar(step_table, t, 1, 3, grad_coef, PER_TENSOR_STEP, C_DTYPE)
-    avg_c = step_scalar(step_table, t, 2, 3, avg_coef, PER_TENSOR_STEP, C_DTYPE)
-    decay_c = hp(decay, C_DTYPE)
-    lerp_c = hp(lerp_w, C_DTYPE)
-    beta2_c = hp(beta2, C_DTYPE)
-    sq_c = hp(sq_w, C_DTYPE)
-    eps_c = hp(eps, C_DTYPE)
-    if full:
-        _nadam_block(
-            p_addr, g_addr, exp_avg, exp_avg_sq, s_off, offs, numel,
-            decay_c, lerp_c, beta2_c, sq_c, eps_c, bc2_c, grad_c, avg_c,
-            P_DTYPE, S_DTYPE, C_DTYPE, WEIGHT_DECAY, DECOUPLED, MAXIMIZE, True,
-        )  # fmt: skip
-    else:  # a tensor's last block, or a tensor whose address is not 16-byte aligned
-        _nadam_block(
-            p_addr, g_addr, exp_avg, exp_avg_sq, s_off, offs, numel,
-            decay_c, lerp_c, beta2_c, sq_c, eps_c, bc2_c, grad_c, avg_c,
-            P_DTYPE, S_DTYPE, C_DTYPE, WEIGHT_DECAY, DECOUPLED, MAXIMIZE, False,
-        )  # fmt: skip
+    if HAS_FOUND_INF:
+        go = tl.load(found_inf) == 0
+    else:
+        go = True
+    if go:  # AMP: a step with inf/nan grads changes nothing
+        if DEVICE_STEP:
+            step = device_step(steps, tensor_table, t)
+            mu_prod = tl.load(mu_product + tl.load(tensor_table + t * 8 + 6)).to(tl.float64)  # advanced
+            lr64 = lr_value(lr, lr_ptr, LR_ON_DEVICE)
+            b1 = hp(beta1, tl.float64)
+            md = hp(momentum_decay, tl.float64)
+            mu = b1 * (1.0 - 0.5 * pow64(0.96, step * md))
+            mu_next = b1 * (1.0 - 0.5 * pow64(0.96, (step + 1.0) * md))
+            bc2_c = (1.0 - pow64(hp(beta2, tl.float64), step)).to(C_DTYPE)
+            grad_c = (-lr64 * (1.0 - mu) / (1.0 - mu_prod)).to(C_DTYPE)
+            avg_c = ((-lr64 * mu_next) / (1.0 - mu_prod * mu_next)).to(C_DTYPE)
+            if DECOUPLED:
+                decay_c = (1.0 - lr64 * hp(weight_decay, tl.float64)).to(C_DTYPE)
+            else:
+                decay_c = hp(weight_decay, C_DTYPE)
+        else:
+            step = 0.0
+            bc2_c = step_scalar(step_table, t, 0, 3, bc2, PER_TENSOR_STEP, C_DTYPE)
+            grad_c = step_scalar(step_table, t, 1, 3, grad_coef, PER_TENSOR_STEP, C_DTYPE)
+            avg_c = step_scalar(step_table, t, 2, 3, avg_coef, PER_TENSOR_STEP, C_DTYPE)
+            decay_c = hp(decay, C_DTYPE)
+        g_mult = grad_multiplier(grad_scale, clip_coef, HAS_GRAD_SCALE, HAS_CLIP)
+        rseed = random_seed(seed, step, DEVICE_STEP)
+        lerp_c = hp(lerp_w, C_DTYPE)
+        beta2_c = hp(beta2, C_DTYPE)
+        sq_c = hp(sq_w, C_DTYPE)
+        eps_c = hp(eps, C_DTYPE)
+        scale_grad = HAS_GRAD_SCALE or HAS_CLIP
+        if full:
+            _nadam_block(
+                p_addr, g_addr, exp_avg, exp_avg_sq, master, s_off, offs, numel, g_mult, rseed,
+                decay_c, lerp_c, beta2_c, sq_c, eps_c, bc2_c, grad_c, avg_c,
+                P_DTYPE, S_DTYPE, C_DTYPE, WEIGHT_DECAY, DECOUPLED, MAXIMIZE, scale_grad, MASTER, STOCHASTIC, True,
+            )  # fmt: skip
+        else:  # a tensor's last block, or a tensor whose address is not 16-byte aligned
+            _nadam_block(
+                p_addr, g_addr, exp_avg, exp_avg_sq, master, s_off, offs, numel, g_mult, rseed,
+                decay_c, lerp_c, beta2_c, sq_c, eps_c, bc2_c, grad_c, avg_c,
+                P_DTYPE, S_DTYPE, C_DTYPE, WEIGHT_DECAY, DECOUPLED, MAXIMIZE, scale_grad, MASTER, STOCHASTIC, False,
+            )  # fmt: skip
 
 
 def nadam_step(
@@ -134,21 +201,34 @@ def nadam_step(
     weight_decay: float,
     decoupled: bool,
     maximize: bool,
+    momentum_decay: float,
     step_scalars: tuple[float, float, float] | torch.Tensor,
+    features: Features,
+    mu_product: torch.Tensor | None,
     num_warps: int,
 ) -> None:
-    """One NAdam step; ``step_scalars`` holds (1 - beta2**step, grad coefficient, exp_avg coefficient)."""
+    """One NAdam step; ``step_scalars`` holds (1 - beta2**step, grad coefficient, exp_avg coefficient)
+    (host step counts; with device step counts and ``mu_product`` the kernel computes them)."""
+    if features.steps is not None:
+        step_scalars = (1.0, 0.0, 0.0)
     step_table, step_bits, per_tensor = step_args(step_scalars, 3, tables)
+    common, common_bits, common_flags = feature_args(features, lr, tables.tensor_table)
     args = (
         exp_avg,
         exp_avg_sq,
         step_table,
+        tables.tensor_table if mu_product is None else mu_product,
+        *common,
         float_bits(1.0 - lr * weight_decay if decoupled else weight_decay),
         float_bits(1.0 - beta1),
         float_bits(beta2),
         float_bits(1.0 - beta2),
         float_bits(eps),
         *step_bits,
+        float_bits(beta1),
+        float_bits(weight_decay),
+        float_bits(momentum_decay),
+        *common_bits,
     )
     constexprs = {
         "P_DTYPE": triton_dtype(param_dtype),
@@ -158,5 +238,6 @@ def nadam_step(
         "DECOUPLED": decoupled,
         "MAXIMIZE": maximize,
         "PER_TENSOR_STEP": per_tensor,
+        **common_flags,
     }
     launch(_nadam_kernel, tables, args, constexprs, num_warps)

@@ -5,6 +5,16 @@ import torch
 import triton
 import triton.language as tl
 
+from ._features import (
+    UNSPECIALIZED,
+    Features,
+    feature_args,
+    grad_multiplier,
+    load_grad,
+    load_param,
+    lr_value,
+    store_param,
+)
 from ._tables import (
     Tables,
     as_ptr,
@@ -24,7 +34,7 @@ from ._tables import (
     triton_dtype,
 )
 
-_SCALARS = ["neg_lr", "alpha", "alpha_w", "eps", "decay", "momentum"]
+_SCALARS = ["neg_lr", "alpha", "alpha_w", "eps", "decay", "momentum", *UNSPECIALIZED]
 
 
 @triton.jit
@@ -34,9 +44,12 @@ def _rmsprop_block(
     square_avg,  # flat state
     momentum_buffer,  # flat state (MOMENTUM)
     grad_avg,  # flat state (CENTERED)
+    master,  # flat fp32 master copy (MASTER)
     s_off,  # this tensor's offset in the flat state
     offs,  # element offsets of this block within the tensor
     numel,  # elements of the tensor
+    g_mult,  # grads are multiplied by this (1 / grad_scale * clip coefficient)
+    seed,  # stochastic rounding seed
     neg_lr,  # -lr, in C_DTYPE like every scalar below
     alpha,  # alpha
     alpha_w,  # 1 - alpha
@@ -50,6 +63,9 @@ def _rmsprop_block(
     MOMENTUM: tl.constexpr,
     CENTERED: tl.constexpr,
     MAXIMIZE: tl.constexpr,
+    SCALE_GRAD: tl.constexpr,
+    MASTER: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
     FULL: tl.constexpr,  # an unmasked block of 16-byte-aligned tensors: 128-bit accesses
 ):
     p_ptr = as_ptr(p_addr, P_DTYPE, FULL)
@@ -57,9 +73,10 @@ def _rmsprop_block(
     sq_ptr = region(square_avg, s_off, FULL)
     buf_ptr = region(momentum_buffer, s_off, FULL)
     ga_ptr = region(grad_avg, s_off, FULL)
+    w_ptr = region(master, s_off, FULL)
     mask = None if FULL else offs < numel
-    p = tl.load(p_ptr + offs, mask=mask).to(C_DTYPE)
-    g = tl.load(g_ptr + offs, mask=mask).to(C_DTYPE)
+    p = load_param(p_ptr, w_ptr, offs, mask, C_DTYPE, MASTER)
+    g = load_grad(g_ptr, offs, mask, g_mult, C_DTYPE, SCALE_GRAD)
     sq = tl.load(sq_ptr + offs, mask=mask).to(C_DTYPE)
     p, g = prepare_grad(p, g, decay, MAXIMIZE, WEIGHT_DECAY, False)
     sq = decay_addcmul(sq, g, alpha, alpha_w)  # square_avg.mul_(alpha).addcmul_(grad, grad, value=1 - alpha)
@@ -78,7 +95,7 @@ def _rmsprop_block(
         p = tl.fma(neg_lr, buf, p)  # param.add_(buf, alpha=-lr)
     else:
         p = p + ieee_div(neg_lr * g, avg, C_DTYPE)  # param.addcdiv_(grad, avg, value=-lr)
-    tl.store(p_ptr + offs, to_storage(p, P_DTYPE), mask=mask)
+    store_param(p_ptr, w_ptr, p, offs, mask, seed, s_off + offs, P_DTYPE, MASTER, STOCHASTIC)
 
 
 @jit_kernel(unspecialized=_SCALARS)
@@ -88,12 +105,20 @@ def _rmsprop_kernel(
     square_avg,  # flat state: running average of squared grads
     momentum_buffer,  # flat state (MOMENTUM), else any tensor
     grad_avg,  # flat state: running average of grads (CENTERED), else any tensor
+    steps,  # device step counts (unused: no step-dependent scalars); this and the next five: _features
+    lr_ptr,
+    grad_scale,
+    found_inf,
+    clip_coef,
+    master,
     neg_lr: tl.int64,  # -lr, as float_bits
     alpha: tl.int64,  # alpha
     alpha_w: tl.int64,  # 1 - alpha
     eps: tl.int64,  # eps
     decay: tl.int64,  # weight_decay
     momentum: tl.int64,  # momentum
+    lr: tl.int64,  # lr (device lr)
+    seed: tl.int64,  # stochastic rounding seed
     P_DTYPE: tl.constexpr,  # param and grad element type
     S_DTYPE: tl.constexpr,  # state element type
     C_DTYPE: tl.constexpr,  # math type: fp32, or fp64 for fp64 params
@@ -101,27 +126,46 @@ def _rmsprop_kernel(
     MOMENTUM: tl.constexpr,  # momentum > 0
     CENTERED: tl.constexpr,
     MAXIMIZE: tl.constexpr,
+    DEVICE_STEP: tl.constexpr,
+    LR_ON_DEVICE: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr,
+    HAS_CLIP: tl.constexpr,
+    MASTER: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
     BLOCK: tl.constexpr,  # elements per program
 ):
     _, offs, p_addr, g_addr, s_off, numel, full = locate(tensor_table, block_table, BLOCK)
-    neg_lr_c = hp(neg_lr, C_DTYPE)
-    alpha_c = hp(alpha, C_DTYPE)
-    alpha_w_c = hp(alpha_w, C_DTYPE)
-    eps_c = hp(eps, C_DTYPE)
-    decay_c = hp(decay, C_DTYPE)
-    momentum_c = hp(momentum, C_DTYPE)
-    if full:
-        _rmsprop_block(
-            p_addr, g_addr, square_avg, momentum_buffer, grad_avg, s_off, offs, numel,
-            neg_lr_c, alpha_c, alpha_w_c, eps_c, decay_c, momentum_c,
-            P_DTYPE, S_DTYPE, C_DTYPE, WEIGHT_DECAY, MOMENTUM, CENTERED, MAXIMIZE, True,
-        )  # fmt: skip
-    else:  # a tensor's last block, or a tensor whose address is not 16-byte aligned
-        _rmsprop_block(
-            p_addr, g_addr, square_avg, momentum_buffer, grad_avg, s_off, offs, numel,
-            neg_lr_c, alpha_c, alpha_w_c, eps_c, decay_c, momentum_c,
-            P_DTYPE, S_DTYPE, C_DTYPE, WEIGHT_DECAY, MOMENTUM, CENTERED, MAXIMIZE, False,
-        )  # fmt: skip
+    if HAS_FOUND_INF:
+        go = tl.load(found_inf) == 0
+    else:
+        go = True
+    if go:  # AMP: a step with inf/nan grads changes nothing
+        if LR_ON_DEVICE:
+            neg_lr_c = (-lr_value(lr, lr_ptr, True)).to(C_DTYPE)
+        else:
+            neg_lr_c = hp(neg_lr, C_DTYPE)
+        g_mult = grad_multiplier(grad_scale, clip_coef, HAS_GRAD_SCALE, HAS_CLIP)
+        alpha_c = hp(alpha, C_DTYPE)
+        alpha_w_c = hp(alpha_w, C_DTYPE)
+        eps_c = hp(eps, C_DTYPE)
+        decay_c = hp(decay, C_DTYPE)
+        momentum_c = hp(momentum, C_DTYPE)
+        scale_grad = HAS_GRAD_SCALE or HAS_CLIP
+        if full:
+            _rmsprop_block(
+                p_addr, g_addr, square_avg, momentum_buffer, grad_avg, master, s_off, offs, numel, g_mult, seed,
+                neg_lr_c, alpha_c, alpha_w_c, eps_c, decay_c, momentum_c,
+                P_DTYPE, S_DTYPE, C_DTYPE, WEIGHT_DECAY, MOMENTUM, CENTERED, MAXIMIZE, scale_grad, MASTER, STOCHASTIC,
+                True,
+            )  # fmt: skip
+        else:  # a tensor's last block, or a tensor whose address is not 16-byte aligned
+            _rmsprop_block(
+                p_addr, g_addr, square_avg, momentum_buffer, grad_avg, master, s_off, offs, numel, g_mult, seed,
+                neg_lr_c, alpha_c, alpha_w_c, eps_c, decay_c, momentum_c,
+                P_DTYPE, S_DTYPE, C_DTYPE, WEIGHT_DECAY, MOMENTUM, CENTERED, MAXIMIZE, scale_grad, MASTER, STOCHASTIC,
+                False,
+            )  # fmt: skip
 
 
 def rmsprop_step(
@@ -138,19 +182,23 @@ def rmsprop_step(
     momentum: float,
     centered: bool,
     maximize: bool,
+    features: Features,
     num_warps: int,
 ) -> None:
     """One RMSprop step over a segment."""
+    common, common_bits, common_flags = feature_args(features, lr, tables.tensor_table)
     args = (
         square_avg,
         square_avg if momentum_buffer is None else momentum_buffer,
         square_avg if grad_avg is None else grad_avg,
+        *common,
         float_bits(-lr),
         float_bits(alpha),
         float_bits(1.0 - alpha),
         float_bits(eps),
         float_bits(weight_decay),
         float_bits(momentum),
+        *common_bits,
     )
     constexprs = {
         "P_DTYPE": triton_dtype(param_dtype),
@@ -160,5 +208,6 @@ def rmsprop_step(
         "MOMENTUM": momentum > 0,
         "CENTERED": centered,
         "MAXIMIZE": maximize,
+        **common_flags,
     }
     launch(_rmsprop_kernel, tables, args, constexprs, num_warps)

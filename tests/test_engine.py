@@ -112,12 +112,14 @@ def test_tables_use_int64_offsets():
         numels,
         np.array([True, True]),
         np.zeros(2, dtype=np.int64),
+        np.array([5, 9]),
         1024,
         torch.device("cpu"),
     )
     rows, blocks = tables.tensor_table.numpy(), tables.block_table.numpy()
     assert rows.dtype == np.int64 and blocks.dtype == np.int64
     assert rows[1, 2] == big + 11 and rows[0, 3] == big and rows[0, 4] == big // 1024 * 1024
+    assert rows[0, 6] == 5 and rows[1, 6] == 9  # member index in the segment
     last_of_first = blocks[-(2)]
     assert (
         last_of_first >> 32 == 0

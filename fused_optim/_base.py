@@ -17,6 +17,7 @@ first param of any group changes.
 from __future__ import annotations
 
 import inspect
+import math
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -27,8 +28,9 @@ import torch
 from torch.optim import Optimizer
 
 from .kernels import INTERPRETED
-from .kernels._features import Features
+from .kernels._features import Features, advance_steps
 from .kernels._tables import ALIGN, FLAG_FRESH, VEC_BYTES, Tables, block_size, build_tables, scalar_table
+from .kernels.clip import grad_norm_partials
 
 __all__ = ["FusedOptimizer", "call_torch", "check_like_torch"]
 
@@ -183,13 +185,22 @@ def _scalar_dtype() -> torch.dtype:
 
 
 class _Segment:
-    """Params of one group with one device and real dtype, and the flat state they own."""
+    """Params of one group with one device and real dtype, and the flat state they own.
 
-    def __init__(self, key, members: list[torch.Tensor], group_index: list[int], tensor_keys, scalar_keys):
+    ``key_dtypes`` maps every tensor state key to its dtype (the param's, ``state_dtype``, or fp32
+    for the master copy). Scalar state (step counts) lives on the host and is advanced in numpy,
+    or, with ``device_step``, on the params' device, advanced by a kernel (capturable, AMP)."""
+
+    def __init__(self, key, members, group_index, key_dtypes: dict, scalar_keys, device_step: bool, stochastic: bool):
+        self.key = key
         self.device, self.dtype = key
         self.members = members
         self.group_index = np.asarray(group_index, dtype=np.int64)  # position of each member in the group
-        self.tensor_keys = tuple(tensor_keys)
+        self.tensor_keys = tuple(key_dtypes)
+        self.key_dtypes = dict(key_dtypes)
+        self.master = "master_param" in key_dtypes
+        self.stochastic = stochastic
+        self.device_step = device_step
         self.shapes, self.strides, self.dense = [], [], []
         offsets, numels, total = [], [], 0
         for p in members:
@@ -205,19 +216,20 @@ class _Segment:
             total += -(-real.numel() // ALIGN) * ALIGN
         self.offsets = np.asarray(offsets, dtype=np.int64)
         self.numels = np.asarray(numels, dtype=np.int64)
-        self.flat = {k: torch.zeros(total, dtype=self.dtype, device=self.device) for k in self.tensor_keys}
+        self.flat = {k: torch.zeros(total, dtype=dt, device=self.device) for k, dt in key_dtypes.items()}
         # The narrowest element of the params and states sets the block size.
         self.flat_itemsize = min([self.dtype.itemsize] + [f.dtype.itemsize for f in self.flat.values()])
-        self.scalars = {k: torch.zeros(len(members), dtype=_scalar_dtype()) for k in scalar_keys}
+        scalar_device = self.device if device_step else torch.device("cpu")
+        self.scalars = {k: torch.zeros(len(members), dtype=_scalar_dtype(), device=scalar_device) for k in scalar_keys}
+        self.scalars_np = {} if device_step else {k: v.numpy() for k, v in self.scalars.items()}
         self.fresh: set[int] = set()  # members whose FRESH state the next launch writes
-        self.scalars_np = {k: v.numpy() for k, v in self.scalars.items()}
 
     def region(self, i: int, key: str) -> torch.Tensor:
         """Member ``i``'s region of ``key`` in its real dtype and layout."""
         return self.flat[key].as_strided(self.shapes[i], self.strides[i], int(self.offsets[i]))
 
     def view(self, i: int, key: str) -> torch.Tensor:
-        """The tensor stored as ``state[member][key]``: shaped and typed like the member."""
+        """The tensor stored as ``state[member][key]``: shaped like the member (complex if it is)."""
         region = self.region(i, key)
         return torch.view_as_complex(region) if self.members[i].is_complex() else region
 
@@ -247,12 +259,13 @@ class _Plan:
 
 
 class _GroupCache:
-    __slots__ = ("group", "plan", "segments")
+    __slots__ = ("group", "plan", "segments", "signature")
 
     def __init__(self, group) -> None:
         self.group = group
         self.segments: dict = {}
         self.plan: _Plan | None = None
+        self.signature: tuple | None = None
 
 
 _warned_fallback = False
@@ -268,6 +281,38 @@ def _warn_fallback(device: torch.device) -> None:
             "to run them on CPU through Triton's interpreter).",
             stacklevel=4,
         )
+
+
+_SEED = 0x5EED5EED  # stochastic rounding: base of the per-step seeds
+
+
+@dataclass
+class _StepInputs:
+    """Per-step device tensors the kernels read: AMP scale and inf flag, clip coefficient."""
+
+    grad_scale: torch.Tensor | None
+    found_inf: torch.Tensor | None
+    clip_coef: torch.Tensor | None
+    _moved: dict = field(default_factory=dict)
+
+    def on(self, device: torch.device, name: str) -> torch.Tensor | None:
+        """The named tensor on ``device`` (copied once per device and step, without a host sync)."""
+        value = getattr(self, name)
+        if value is None or value.device == device:
+            return value
+        key = (name, device)
+        if key not in self._moved:
+            self._moved[key] = value.to(device, non_blocking=True)
+        return self._moved[key]
+
+    def factor(self) -> torch.Tensor | None:
+        """What grads are multiplied by (torch's fallback path): 1 / grad_scale times the clip coefficient."""
+        factor = None
+        if self.grad_scale is not None:
+            factor = self.grad_scale.double().reciprocal().float()  # as GradScaler.unscale_ computes it
+        if self.clip_coef is not None:
+            factor = self.clip_coef if factor is None else factor * self.clip_coef.to(factor.device)
+        return factor
 
 
 def check_like_torch(torch_cls, **kwargs) -> None:
@@ -297,8 +342,8 @@ class FusedOptimizer(Optimizer):
     * ``_torch_cls``: its torch.optim counterpart, whose own checks validate the arguments
       (``check_like_torch``), so errors and messages match the installed torch;
     * ``_tensor_state_keys(group)``: the per-element state keys, in torch's order;
-    * ``_scalar_state``: per-parameter scalar state kept on the host and its initial value
-      (``{"step": 0.0}``), advanced by ``_advance_scalars``;
+    * ``_scalar_state``: per-parameter scalar state and its initial value (``{"step": 0.0}``),
+      advanced by ``_advance_scalars`` on the host, or by the advance kernel on the device;
     * ``_step_scalars(group, scalars)``: the ``_n_step_scalars`` kernel scalars that depend on a
       parameter's scalar state (bias corrections), in float64 as torch's single-tensor code
       computes them;
@@ -309,12 +354,26 @@ class FusedOptimizer(Optimizer):
 
     Optional: ``_init_region`` (initial state values, zeros by default), ``_fresh_keys`` (state
     that torch creates from the first gradient: the kernel writes it on the first step, told by
-    the FRESH flag), ``_eager_state`` (state created at construction, as Adagrad does).
+    the FRESH flag), ``_eager_state`` (state created at construction, as Adagrad does),
+    ``_device_advance_args`` (what the advance kernel needs beyond ``step += 1``).
 
-    Arguments shared by every fused optimizer: ``foreach`` and ``fused`` are accepted for
-    signature compatibility with torch.optim and change nothing (the update is always one fused
-    launch per segment); ``capturable=True`` and ``differentiable=True`` raise
-    ``NotImplementedError``.
+    Arguments shared by every fused optimizer, beyond torch's (keyword-only):
+
+    * ``master_weights`` (bool): bf16/fp16 params get an fp32 master copy (state key
+      ``master_param``) that the kernel updates, writing the param back rounded; moments are then
+      fp32 unless ``state_dtype`` says otherwise.
+    * ``stochastic_rounding`` (bool): bf16 params without a master copy are stored with unbiased
+      stochastic rounding.
+    * ``state_dtype`` (torch.dtype): dtype of the per-element state (default: the param's).
+    * ``max_grad_norm`` (float): clip the global grad norm (2-norm over every group) inside each
+      step, as ``torch.nn.utils.clip_grad_norm_`` then ``step()`` would.
+
+    ``foreach`` and ``fused`` are accepted for compatibility with torch.optim and change nothing
+    (the update is always one fused launch per segment). ``capturable=True`` keeps step counts on
+    the device and computes bias corrections there, so ``step()`` can be captured in a CUDA
+    graph. ``differentiable=True`` raises ``NotImplementedError``. AMP: ``GradScaler`` hands its
+    scale and inf flag to ``step()``, which unscales and skips inside the kernels, without a host
+    synchronisation.
     """
 
     _torch_cls: type[Optimizer]
@@ -324,12 +383,30 @@ class FusedOptimizer(Optimizer):
     _eager_state = False
     _sparse_error = "fused_optim does not support sparse gradients"
     _num_warps = 8  # 256 threads per program; elements per program follow from the dtype (block_size)
+    _step_supports_amp_scaling = True  # GradScaler passes grad_scale and found_inf to step()
 
-    def __init__(self, params, defaults: dict) -> None:
-        # ``defaults`` holds exactly the constructor's keyword arguments, as in torch.optim: torch's
-        # own checks see them first, so bad arguments raise torch's errors.
+    def __init__(
+        self,
+        params,
+        defaults: dict,
+        *,
+        master_weights: bool = False,
+        stochastic_rounding: bool = False,
+        state_dtype: torch.dtype | None = None,
+        max_grad_norm: float | None = None,
+    ) -> None:
+        # ``defaults`` holds exactly the constructor's torch.optim arguments: torch's own checks
+        # see them first, so bad arguments raise torch's errors.
         check_like_torch(self._torch_cls, **defaults)
         self._check_options(defaults)
+        # Optimizer-wide settings, outside param_groups so that those stay torch's.
+        self.options = {
+            "master_weights": bool(master_weights),
+            "stochastic_rounding": bool(stochastic_rounding),
+            "state_dtype": state_dtype,
+            "max_grad_norm": max_grad_norm,
+        }
+        self._check_extensions()
         super().__init__(params, defaults)
         self._reset_engine()
         if self._eager_state:
@@ -352,6 +429,10 @@ class FusedOptimizer(Optimizer):
         """Advance the host scalar state of the params being updated, in place (torch: step += 1)."""
         if "step" in scalars:
             scalars["step"] += 1
+
+    def _device_advance_args(self, group) -> dict:
+        """Arguments of the advance kernel beyond ``step += 1`` (NAdam: its mu_product)."""
+        return {}
 
     def _step_scalars(self, group, scalars: dict[str, float]) -> tuple[float, ...]:
         return ()
@@ -377,45 +458,112 @@ class FusedOptimizer(Optimizer):
         if not isinstance(self.state, _TrackedState) or self.state._tracker is not tracker:
             self.state = _TrackedState(tracker, self.state)
         self._caches: dict[int, _GroupCache] = {}
+        self._amp_steps = getattr(self, "_amp_steps", False)  # AMP moved step counts to the device
+        self._pending_clip = None  # (max_norm, total norm) from clip_grad_norm_, for the next step
+        self._loaded = {}  # id(param) -> its state as saved (dtypes kept), while loading
+        self._step_count = getattr(self, "_step_count", 0)  # seeds stochastic rounding
         tracker.dirty = True
 
+    @property
+    def max_grad_norm(self) -> float | None:
+        return self.options["max_grad_norm"]
+
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), "options": self.options}
+
     def __setstate__(self, state: dict) -> None:
+        if "options" in state:  # pickled or deep-copied; load_state_dict keeps the current ones
+            self.options = state.pop("options")
         super().__setstate__(state)
         self._reset_engine()
 
+    def _check_extensions(self) -> None:
+        o = self.options
+        if o["state_dtype"] is not None and o["state_dtype"] not in _REAL_DTYPES:
+            raise ValueError(
+                f"Invalid state_dtype: {o['state_dtype']} (choose among {', '.join(map(str, _REAL_DTYPES))})"
+            )
+        if o["master_weights"] and o["stochastic_rounding"]:
+            raise ValueError(
+                "master_weights and stochastic_rounding are exclusive: the master copy keeps full precision"
+            )
+        if o["max_grad_norm"] is not None and not o["max_grad_norm"] > 0:
+            raise ValueError(f"Invalid max_grad_norm value: {o['max_grad_norm']}")
+
     def _check_options(self, group) -> None:
         name = type(self).__name__
-        for option in ("capturable", "differentiable"):
-            if group.get(option):
-                raise NotImplementedError(f"fused_optim.{name} does not implement {option}=True")
+        if group.get("differentiable"):
+            raise NotImplementedError(f"fused_optim.{name} does not implement differentiable=True")
+        if group.get("capturable") and "capturable" not in inspect.signature(self._torch_cls.__init__).parameters:
+            raise NotImplementedError(f"fused_optim.{name} does not implement capturable=True")
+
+    def _device_steps(self, group) -> bool:
+        """Step counts on the device: capturable groups, and every group once AMP skips steps."""
+        return bool(self._scalar_state) and (bool(group.get("capturable")) or self._amp_steps)
+
+    def _key_dtypes(self, group, dtype: torch.dtype) -> dict[str, torch.dtype]:
+        """The per-element state of params of (real) ``dtype`` in ``group``, with its dtypes."""
+        master = self.options["master_weights"] and dtype in (torch.float16, torch.bfloat16)
+        state_dtype = self.options["state_dtype"] or (torch.float32 if master else dtype)
+        keys = dict.fromkeys(self._tensor_state_keys(group), state_dtype)
+        if master:
+            keys["master_param"] = torch.float32
+        return keys
+
+    def _signature(self, group) -> tuple:
+        """What the layout of a group depends on beyond its params."""
+        o = self.options
+        keys = self._tensor_state_keys(group)
+        return (keys, o["master_weights"], o["state_dtype"], o["stochastic_rounding"], self._device_steps(group))
 
     # --- step ----------------------------------------------------------------------------------
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, *, grad_scale: torch.Tensor | None = None, found_inf: torch.Tensor | None = None):
         """Perform a single optimization step.
 
         Args:
             closure (Callable, optional): A closure that reevaluates the model and returns the loss.
+            grad_scale (Tensor, optional): AMP loss scale: grads are divided by it inside the kernels.
+                ``GradScaler`` passes it as the attribute ``grad_scale``.
+            found_inf (Tensor, optional): AMP: when nonzero, the step changes nothing (params, state,
+                step counts), decided on the device. ``GradScaler`` passes it as ``found_inf``.
         """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if not isinstance(self.state, _TrackedState) or self.state._tracker is not self._tracker:
-            self._reset_engine()  # the state container itself was replaced
-        # Phase 1 checks every group and raises before anything is modified.
-        work = [self._prepare(i, group) for i, group in enumerate(self.param_groups)]
-        if self._tracker.dirty or any(plan is None for plan, _, _, _ in work):
-            self._rebuild(work)
-        # Phase 2 updates.
+        grad_scale = grad_scale if grad_scale is not None else getattr(self, "grad_scale", None)
+        found_inf = found_inf if found_inf is not None else getattr(self, "found_inf", None)
+        if found_inf is not None and not self._amp_steps and self._scalar_state:
+            # A skipped step must not advance step counts, and reading found_inf on the host
+            # would synchronise: from now on step counts live on the device.
+            self._amp_steps = True
+            self._tracker.dirty = True
+        work = self._plans()  # checks every group and raises before anything is modified
+        inputs = _StepInputs(grad_scale, found_inf, self._clip_coef(work, grad_scale))
         for index, ((plan, grads, _, _), group) in enumerate(zip(work, self.param_groups)):
             for launch in plan.launches:
-                self._run(group, launch, grads)
+                self._run(group, launch, grads, inputs)
             if plan.sparse:
                 self._run_sparse(group, plan.sparse, grads)
             if any(launch.fresh for launch in plan.launches):
                 self._caches[index].plan = None  # FRESH flags hold for one step
+        self._pending_clip = None
+        self._step_count += 1
         return loss
+
+    def _plans(self):
+        """Phase 1 of a step: a checked plan for every group, rebuilt where the cache misses."""
+        if not isinstance(self.state, _TrackedState) or self.state._tracker is not self._tracker:
+            self._reset_engine()  # the state container itself was replaced
+        work = [self._prepare(i, group) for i, group in enumerate(self.param_groups)]
+        if self._tracker.dirty or any(plan is None for plan, _, _, _ in work):
+            self._rebuild(work)
+        return work
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._pending_clip = None  # a clip coefficient belongs to the grads it was computed on
+        super().zero_grad(set_to_none)
 
     def _prepare(self, index: int, group):
         """(cached plan or None, grads, pkey, gkey) for one group; validates whenever the cache misses."""
@@ -437,7 +585,7 @@ class FusedOptimizer(Optimizer):
             and not self._tracker.dirty
             and plan.pkey == pkey
             and plan.gkey == gkey
-            and plan.keys == self._tensor_state_keys(group)
+            and plan.keys == self._signature(group)
         ):
             return plan, grads, pkey, gkey
         self._validate(index, group, grads)
@@ -479,10 +627,11 @@ class FusedOptimizer(Optimizer):
                 raise ValueError(f"state of {where} has no {key!r}")
             if isinstance(value, torch.Tensor) and value.numel() != 1:
                 raise ValueError(f"state {key!r} of {where} must hold one value, got shape {tuple(value.shape)}")
-        for key in self._tensor_state_keys(group):
+        optional = {*self._fresh_keys(group), "master_param"}  # first step / made from the param
+        for key in self._key_dtypes(group, _real_dtype(p.dtype)):
             value = state.get(key)
-            if value is None and key in self._fresh_keys(group):
-                continue  # created by the first step
+            if value is None and key in optional:
+                continue
             if not isinstance(value, torch.Tensor):
                 raise ValueError(f"state of {where} has no tensor {key!r} (found {type(value).__name__})")
             if value.shape != p.shape or value.is_complex() != p.is_complex():
@@ -508,19 +657,16 @@ class FusedOptimizer(Optimizer):
         cache = self._caches.get(index)
         if cache is None or cache.group is not group:
             cache = self._caches[index] = _GroupCache(group)
-        keys = self._tensor_state_keys(group)
+        signature = self._signature(group)
         params = group["params"]
         members: dict[tuple, list[int]] = {}
         for i, p in enumerate(params):
             grad = grads[i] if grads is not None else None
             state = self.state.get(p)
-            if (
-                everyone
-                or _is_dense_grad(grad)
-                or (
-                    state and not any(isinstance(v, torch.Tensor) and v.layout != torch.strided for v in state.values())
-                )
-            ):
+            sparse_state = state and any(
+                isinstance(v, torch.Tensor) and v.layout != torch.strided for v in state.values()
+            )
+            if everyone or _is_dense_grad(grad) or (state and not sparse_state):
                 members.setdefault((p.device, _real_dtype(p.dtype)), []).append(i)
         segments = {}
         for key, positions in members.items():
@@ -528,43 +674,52 @@ class FusedOptimizer(Optimizer):
             same = (
                 seg is not None
                 and not self._tracker.dirty
-                and seg.tensor_keys == keys
+                and cache.signature == signature
                 and len(seg.members) == len(positions)
                 and all(m is params[i] for m, i in zip(seg.members, positions))
                 and all(_real(m).stride() == st or not d for m, st, d in zip(seg.members, seg.strides, seg.dense))
             )
             segments[key] = seg if same else self._new_segment(group, key, [params[i] for i in positions], positions)
         cache.segments = segments
+        cache.signature = signature
         cache.plan = None
 
     def _new_segment(self, group, key, members, positions) -> _Segment:
-        keys = self._tensor_state_keys(group)
+        _, dtype = key
+        key_dtypes = self._key_dtypes(group, dtype)
         fresh_keys = self._fresh_keys(group)
-        seg = _Segment(key, members, positions, keys, self._scalar_state)
+        stochastic = self.options["stochastic_rounding"] and dtype == torch.bfloat16
+        seg = _Segment(key, members, positions, key_dtypes, self._scalar_state, self._device_steps(group), stochastic)
+        scalar_values = {k: [] for k in self._scalar_state}
         tracker = self._tracker
         for i, p in enumerate(members):
             old = self.state.get(p) or {}
-            for k in keys:
-                src = old.get(k)
+            source = self._loaded.get(id(p), old)  # a loaded checkpoint, before torch cast it
+            for k in key_dtypes:
+                src = source.get(k)
                 region = seg.region(i, k)
                 if src is not None:
                     region.copy_(_real(src.to_dense() if src.layout != torch.strided else src))
+                elif k == "master_param":
+                    region.copy_(_real(p))
                 elif k in fresh_keys:
                     seg.fresh.add(i)  # the kernel writes it on this param's first step
                 else:
                     self._init_region(group, k, region, p)
             for k, initial in self._scalar_state.items():
-                seg.scalars[k][i] = _as_float(old[k]) if k in old else initial
+                scalar_values[k].append(_as_float(source[k]) if k in source else initial)
             new = _ParamState(tracker)
             for k in self._scalar_state:
                 dict.__setitem__(new, k, seg.scalars[k][i])
-            for k in keys:
+            for k in key_dtypes:
                 dict.__setitem__(new, k, seg.view(i, k))
             for k, v in old.items():  # keep keys this configuration does not use
                 if k not in new:
                     dict.__setitem__(new, k, v)
             if new:  # no empty entries: torch.optim.SGD without momentum keeps no state at all
                 dict.__setitem__(self.state, p, new)
+        for k, values in scalar_values.items():
+            seg.scalars[k].copy_(torch.tensor(values, dtype=seg.scalars[k].dtype))
         return seg
 
     def _plan(self, index: int, group, grads, pkey, gkey) -> _Plan:
@@ -584,7 +739,7 @@ class FusedOptimizer(Optimizer):
             launches.append(launch)
         # Sparse grads (where the algorithm allows them) take torch's own code, param by param.
         sparse = [i for i, g in enumerate(grads) if g is not None and g.layout != torch.strided]
-        return _Plan(pkey, gkey, self._tensor_state_keys(group), launches, sparse)
+        return _Plan(pkey, gkey, self._signature(group), launches, sparse)
 
     def _tables(self, seg: _Segment, rows: np.ndarray, grads, launch: _Launch) -> Tables:
         n = len(rows)
@@ -622,28 +777,75 @@ class FusedOptimizer(Optimizer):
         )
 
     # --- running a launch --------------------------------------------------------------------
-    def _run(self, group, launch: _Launch, grads) -> None:
+    def _run(self, group, launch: _Launch, grads, inputs: _StepInputs) -> None:
         seg = launch.seg
         if launch.tables is None:
-            rows = launch.rows.tolist()
-            params = [seg.members[i] for i in rows]
-            self._reference(
-                group,
-                params,
-                [grads[seg.group_index[i]] for i in rows],
-                [self.state[p] for p in params],
-                [i in seg.fresh for i in rows],
-            )
+            self._run_reference(group, launch, grads, inputs)
         else:
-            for pos, buf in launch.stage_grads:
-                buf.copy_(_real(grads[pos]))
+            self._stage_grads(launch, grads)
             for i, buf in launch.stage_params:
                 buf.copy_(_real(seg.members[i]))
+            launch.features = self._features(group, launch, inputs)
             self._launch(group, launch, self._advance(group, launch))
             for i, buf in launch.stage_params:
                 _real(seg.members[i]).copy_(buf)
-        if seg.fresh:  # this step wrote them
-            seg.fresh.difference_update(launch.rows.tolist())
+        if seg.fresh:
+            if launch.fresh and inputs.found_inf is not None and bool(inputs.found_inf):
+                return  # a skipped first step (AMP) leaves fresh state for the next one (reads found_inf once)
+            seg.fresh.difference_update(launch.rows.tolist())  # this step wrote them
+
+    @staticmethod
+    def _stage_grads(launch: _Launch, grads) -> None:
+        for pos, buf in launch.stage_grads:
+            buf.copy_(_real(grads[pos]))
+
+    def _features(self, group, launch: _Launch, inputs: _StepInputs) -> Features:
+        """What the kernels of this launch switch on: AMP, clipping, master copy, rounding, device steps."""
+        seg = launch.seg
+        f = Features()
+        if seg.device_step:
+            f.steps = seg.scalars["step"]
+            lr = group["lr"]
+            if isinstance(lr, torch.Tensor) and (lr.device.type != "cpu" or lr.device == seg.device):
+                f.lr_tensor = lr.to(seg.device)  # read by the kernel: no host read, capturable
+            f.seed = _SEED + hash(seg.key) % 65536  # the kernel adds the step count
+        else:
+            f.seed = _SEED + self._step_count * 7919 + hash(seg.key) % 65536
+        f.grad_scale = inputs.on(seg.device, "grad_scale")
+        f.found_inf = inputs.on(seg.device, "found_inf")
+        f.clip_coef = inputs.on(seg.device, "clip_coef")
+        if seg.master:
+            f.master = seg.flat["master_param"]
+        f.stochastic = seg.stochastic
+        return f
+
+    def _run_reference(self, group, launch: _Launch, grads, inputs: _StepInputs) -> None:
+        """torch.optim's own implementation, for devices the kernels cannot run on (CPU without the
+        interpreter), with AMP, clipping and master weights applied around it."""
+        seg = launch.seg
+        if seg.stochastic or any(
+            dt != seg.dtype for k, dt in seg.key_dtypes.items() if k != "master_param" and not seg.master
+        ):
+            raise NotImplementedError(
+                "stochastic_rounding and state_dtype need the Triton kernels (CUDA, or TRITON_INTERPRET=1 on CPU)"
+            )
+        if inputs.found_inf is not None and bool(inputs.found_inf):  # this path runs on CPU: no sync to avoid
+            return
+        rows = launch.rows.tolist()
+        params = [seg.members[i] for i in rows]
+        grads = [grads[seg.group_index[i]] for i in rows]
+        factor = inputs.factor()
+        if factor is not None:
+            grads = [g * factor.to(g.device) for g in grads]
+        states = [self.state[p] for p in params]
+        fresh = [i in seg.fresh for i in rows]
+        if seg.master:  # update the fp32 master copies, then round them into the params
+            masters = [s["master_param"] for s in states]
+            self._reference(group, masters, [g.to(m.dtype) for g, m in zip(grads, masters)], states, fresh)
+            for p, m in zip(params, masters):
+                p.copy_(m)
+        else:
+            self._reference(group, params, grads, states, fresh)
 
     def _run_sparse(self, group, positions: list[int], grads) -> None:
         params = [group["params"][i] for i in positions]
@@ -657,11 +859,21 @@ class FusedOptimizer(Optimizer):
         )
 
     def _advance(self, group, launch: _Launch):
-        """Advance the host scalar state of the rows being updated (torch: ``step += 1`` per param);
+        """Advance the scalar state of the rows being updated (torch: ``step += 1`` per param) and
         return the step-dependent kernel scalars: a tuple when every row has the same scalar state,
-        else a per-row float64 device table."""
+        else a per-row float64 device table. Device step counts are advanced by a kernel, and the
+        update kernel computes its scalars itself."""
         seg = launch.seg
         if not seg.scalars:
+            return ()
+        if seg.device_step:
+            advance_steps(
+                launch.tables,
+                seg.scalars["step"],
+                launch.features.found_inf,
+                seg.scalars.get("mu_product"),
+                **self._device_advance_args(group),
+            )
             return ()
         rows = None if launch.all_rows else launch.rows
         values = {k: a if rows is None else a[rows] for k, a in seg.scalars_np.items()}
@@ -678,17 +890,79 @@ class FusedOptimizer(Optimizer):
         per_row = [self._step_scalars(group, dict(zip(keys, map(float, row)))) for row in distinct]
         return scalar_table(np.asarray(per_row, dtype=np.float64)[inverse.reshape(-1)], seg.device)
 
+    # --- global-norm clipping ------------------------------------------------------------------
+    def clip_grad_norm_(
+        self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False, foreach=None
+    ) -> torch.Tensor:
+        """Clip the global norm of every grad of this optimizer, as
+        ``torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type)`` would, and return the total
+        norm (a tensor, never read on the host). The grads are not modified: the next ``step()``
+        multiplies them by ``min(max_norm / (total_norm + 1e-6), 1)`` inside its kernels, so call it
+        right before ``step()`` (``zero_grad()`` drops it). ``norm_type``: 2.0 or inf."""
+        total = self._total_norm(self._plans(), norm_type, None)
+        if error_if_nonfinite and torch.logical_or(total.isnan(), total.isinf()):
+            raise RuntimeError(
+                f"The total norm of order {float(norm_type)} for gradients from `parameters` is non-finite, so it "
+                "cannot be clipped. To disable this error and scale the gradients by the non-finite norm "
+                "anyway, set `error_if_nonfinite=False`"
+            )
+        self._pending_clip = (float(max_norm), total)
+        return total
+
+    def _clip_coef(self, work, grad_scale) -> torch.Tensor | None:
+        if self.max_grad_norm is not None:
+            max_norm, total = self.max_grad_norm, self._total_norm(work, 2.0, grad_scale)
+        elif self._pending_clip is not None:
+            max_norm, total = self._pending_clip
+        else:
+            return None
+        return torch.clamp(max_norm / (total + 1e-6), max=1.0)  # torch.nn.utils.clip_grad_norm_'s coefficient
+
+    def _total_norm(self, work, norm_type: float, grad_scale) -> torch.Tensor:
+        """Global grad norm over every segment: one reduction launch per segment, combined on the device."""
+        if norm_type not in (2.0, math.inf):
+            raise NotImplementedError(f"fused_optim clips by the 2-norm or the inf-norm, not norm_type={norm_type}")
+        inf = norm_type == math.inf
+        parts = []
+        for plan, grads, _, _ in work:
+            if plan.sparse:
+                raise NotImplementedError("fused_optim does not clip sparse gradients")
+            for launch in plan.launches:
+                if launch.tables is not None:
+                    self._stage_grads(launch, grads)
+                    partials = grad_norm_partials(launch.tables, launch.seg.dtype, inf, self._num_warps)
+                    parts.append(partials.amax() if inf else partials.sum())
+                else:
+                    for i in launch.rows.tolist():
+                        g = _real(grads[launch.seg.group_index[i]]).double()
+                        parts.append(g.abs().amax() if inf else g.square().sum())
+        if not parts:
+            return torch.tensor(0.0)
+        device = parts[0].device
+        stacked = torch.stack([p.to(device=device, dtype=torch.float64) for p in parts])
+        total = stacked.amax() if inf else stacked.sum().sqrt()
+        if grad_scale is not None:
+            total = total / grad_scale.to(device)
+        dtype = (
+            torch.float64
+            if all(launch.seg.dtype == torch.float64 for p, *_ in work for launch in p.launches)
+            else torch.float32
+        )
+        return total.to(dtype)
+
     # --- introspection ---------------------------------------------------------------------------
     def bytes_per_step(self) -> int:
         """Bytes one step moves through the kernels when every param that has state takes a step:
         each param, grad and state element read once, each param and state element written once,
-        counted with their real element sizes (alignment padding excluded). The memory-bandwidth
-        floor of a step is this divided by the device's copy bandwidth."""
+        counted with their real element sizes (alignment padding excluded; with a master copy the
+        param is only written). The memory-bandwidth floor of a step is this divided by the
+        device's copy bandwidth."""
         total = 0
         for cache in self._caches.values():
             for seg in cache.segments.values():
                 n = int(seg.numels.sum())
-                total += 3 * n * seg.dtype.itemsize  # param read and written, grad read
+                param_passes = 1 if seg.master else 2  # the master copy is read instead of the param
+                total += n * (param_passes + 1) * seg.dtype.itemsize  # param (write[, read]) and grad read
                 total += sum(2 * n * flat.dtype.itemsize for flat in seg.flat.values())
         return total
 
@@ -709,6 +983,7 @@ class FusedOptimizer(Optimizer):
         finally:
             check.remove()
             adopt.remove()
+            self._loaded = {}
 
     @staticmethod
     def _check_loadable(opt: FusedOptimizer, state_dict) -> None:
@@ -717,6 +992,7 @@ class FusedOptimizer(Optimizer):
             len(s["params"]) != len(g["params"]) for s, g in zip(saved_groups, opt.param_groups)
         ):
             return  # torch raises its own error for these, before modifying anything
+        loaded = {}
         for index, (saved, group) in enumerate(zip(saved_groups, opt.param_groups)):
             options = {**group, **{k: v for k, v in saved.items() if k != "params"}}
             opt._check_options(options)
@@ -724,6 +1000,10 @@ class FusedOptimizer(Optimizer):
                 state = state_dict["state"].get(pid)
                 if state:
                     opt._check_state(state, p, options, where=f"parameter {i} of param group {index}")
+                    loaded[id(p)] = state
+        # torch casts loaded state to the param dtype; adoption copies from these originals, so
+        # fp32 moments and master copies of bf16 params keep their precision
+        opt._loaded = loaded
 
     @staticmethod
     def _adopt_loaded(opt: FusedOptimizer) -> None:

@@ -47,6 +47,10 @@ class Adadelta(FusedOptimizer):
         capturable: bool = False,
         maximize: bool = False,
         differentiable: bool = False,
+        master_weights: bool = False,
+        stochastic_rounding: bool = False,
+        state_dtype: torch.dtype | None = None,
+        max_grad_norm: float | None = None,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -58,7 +62,14 @@ class Adadelta(FusedOptimizer):
             "foreach": foreach,
             "differentiable": differentiable,
         }
-        super().__init__(params, defaults)
+        super().__init__(
+            params,
+            defaults,
+            master_weights=master_weights,
+            stochastic_rounding=stochastic_rounding,
+            state_dtype=state_dtype,
+            max_grad_norm=max_grad_norm,
+        )
 
     def __setstate__(self, state) -> None:
         super().__setstate__(state)

@@ -47,6 +47,10 @@ class Adamax(FusedOptimizer):
         maximize: bool = False,
         differentiable: bool = False,
         capturable: bool = False,
+        master_weights: bool = False,
+        stochastic_rounding: bool = False,
+        state_dtype: torch.dtype | None = None,
+        max_grad_norm: float | None = None,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -58,7 +62,14 @@ class Adamax(FusedOptimizer):
             "differentiable": differentiable,
             "capturable": capturable,
         }
-        super().__init__(params, defaults)
+        super().__init__(
+            params,
+            defaults,
+            master_weights=master_weights,
+            stochastic_rounding=stochastic_rounding,
+            state_dtype=state_dtype,
+            max_grad_norm=max_grad_norm,
+        )
 
     def __setstate__(self, state) -> None:
         super().__setstate__(state)

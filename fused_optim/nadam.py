@@ -63,6 +63,10 @@ class NAdam(FusedOptimizer):
         maximize: bool = False,
         capturable: bool = False,
         differentiable: bool = False,
+        master_weights: bool = False,
+        stochastic_rounding: bool = False,
+        state_dtype: torch.dtype | None = None,
+        max_grad_norm: float | None = None,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -76,7 +80,14 @@ class NAdam(FusedOptimizer):
             "capturable": capturable,
             "differentiable": differentiable,
         }
-        super().__init__(params, defaults)
+        super().__init__(
+            params,
+            defaults,
+            master_weights=master_weights,
+            stochastic_rounding=stochastic_rounding,
+            state_dtype=state_dtype,
+            max_grad_norm=max_grad_norm,
+        )
 
     def __setstate__(self, state) -> None:
         super().__setstate__(state)
@@ -94,6 +105,9 @@ class NAdam(FusedOptimizer):
         scalars["step"] += 1
         mu = _mu(_as_float(group["betas"][0]), scalars["step"].astype(np.float64), group["momentum_decay"])
         scalars["mu_product"] *= mu.astype(scalars["mu_product"].dtype)  # mu_product *= mu, in its dtype
+
+    def _device_advance_args(self, group) -> dict:
+        return {"beta1": _as_float(group["betas"][0]), "momentum_decay": _as_float(group["momentum_decay"])}
 
     def _step_scalars(self, group, scalars) -> tuple[float, float, float]:
         step, mu_product = scalars["step"], scalars["mu_product"]

@@ -460,7 +460,7 @@ class FusedOptimizer(Optimizer):
         self._caches: dict[int, _GroupCache] = {}
         self._amp_steps = getattr(self, "_amp_steps", False)  # AMP moved step counts to the device
         self._pending_clip = None  # (max_norm, total norm) from clip_grad_norm_, for the next step
-        self._loaded = {}  # id(param) -> its state as saved (dtypes kept), while loading
+        self._loaded = getattr(self, "_loaded", {})  # id(param) -> its state as saved (dtypes kept), while loading
         self._step_count = getattr(self, "_step_count", 0)  # seeds stochastic rounding
         tracker.dirty = True
 
@@ -496,6 +496,16 @@ class FusedOptimizer(Optimizer):
             raise NotImplementedError(f"fused_optim.{name} does not implement differentiable=True")
         if group.get("capturable") and "capturable" not in inspect.signature(self._torch_cls.__init__).parameters:
             raise NotImplementedError(f"fused_optim.{name} does not implement capturable=True")
+        if group.get("capturable"):
+            # lr is read by the kernels; other hyperparameters are read on the host, which a tensor
+            # on an accelerator would turn into a sync (and a failed CUDA graph capture)
+            for key, value in group.items():
+                values = value if isinstance(value, (tuple, list)) and key != "params" else (value,)
+                if key != "lr" and any(isinstance(v, torch.Tensor) and v.device.type != "cpu" for v in values):
+                    raise NotImplementedError(
+                        f"fused_optim.{name} with capturable=True takes {key} as floats or CPU tensors, "
+                        "not as tensors on an accelerator (only lr may be one)"
+                    )
 
     def _device_steps(self, group) -> bool:
         """Step counts on the device: capturable groups, and every group once AMP skips steps."""
@@ -606,6 +616,11 @@ class FusedOptimizer(Optimizer):
                 raise NotImplementedError(
                     f"fused_optim.{name}: parameter {i} of param group {index} has dtype {p.dtype}; "
                     "supported are float32, float64, float16, bfloat16, complex64 and complex128"
+                )
+            if self.options["stochastic_rounding"] and p.dtype == torch.float16:
+                raise NotImplementedError(
+                    f"fused_optim.{name}: stochastic_rounding rounds to bfloat16; parameter {i} of param group "
+                    f"{index} is float16 (use master_weights=True for fp16 params)"
                 )
             if g is not None and (g.dtype != p.dtype or g.shape != p.shape or g.device != p.device):
                 raise RuntimeError(

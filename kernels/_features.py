@@ -89,9 +89,10 @@ def stochastic_bf16(x, seed, offsets):
     16 random bits below the kept ones and truncate. NaN stays NaN; inf stays inf."""
     bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
     noise = tl.randint(seed, offsets.to(tl.uint32)).to(tl.uint32, bitcast=True) & 0xFFFF
-    rounded = ((bits + noise) >> 16).to(tl.uint16)
-    quiet_nan = ((bits >> 16) & 0x8000).to(tl.uint16) | 0x7FC0
-    return tl.where(x != x, quiet_nan, rounded).to(tl.bfloat16, bitcast=True)
+    rounded = (bits + noise) >> 16
+    quiet_nan = ((bits >> 16) & 0x8000) | 0x7FC0
+    # select in 32 bits, then narrow: Triton 3.0 widens uint16 | constant to int32
+    return tl.where(x != x, quiet_nan, rounded).to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
 @triton.jit

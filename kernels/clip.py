@@ -14,8 +14,11 @@ from ._tables import Tables, as_ptr, jit_kernel, launch, locate, triton_dtype
 
 
 @triton.jit
-def _norm_block(g_ptr, offs, mask, ACC_DTYPE: tl.constexpr, NORM_INF: tl.constexpr):
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
+def _norm_block(g_ptr, offs, numel, MASKED: tl.constexpr, ACC_DTYPE: tl.constexpr, NORM_INF: tl.constexpr):
+    if MASKED:
+        g = tl.load(g_ptr + offs, mask=offs < numel, other=0.0).to(ACC_DTYPE)
+    else:
+        g = tl.load(g_ptr + offs).to(ACC_DTYPE)
     if NORM_INF:
         biggest = tl.max(tl.abs(g), axis=0)
         has_nan = tl.sum((g != g).to(tl.int32), axis=0) > 0
@@ -37,9 +40,9 @@ def _grad_norm_kernel(
 ):
     _, offs, _, g_addr, _, numel, full = locate(tensor_table, block_table, BLOCK)
     if full:
-        value = _norm_block(as_ptr(g_addr, G_DTYPE, True), offs, None, ACC_DTYPE, NORM_INF)
+        value = _norm_block(as_ptr(g_addr, G_DTYPE, True), offs, numel, False, ACC_DTYPE, NORM_INF)
     else:
-        value = _norm_block(as_ptr(g_addr, G_DTYPE, False), offs, offs < numel, ACC_DTYPE, NORM_INF)
+        value = _norm_block(as_ptr(g_addr, G_DTYPE, False), offs, numel, True, ACC_DTYPE, NORM_INF)
     tl.store(partials + tl.program_id(0), value)
 
 

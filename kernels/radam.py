@@ -159,7 +159,9 @@ def _radam_kernel(
             rho_inf = 2.0 / (1.0 - b2) - 1.0
             rho_t = rho_inf - 2.0 * step * b2_pow / bias_correction2
             rectify_c = (rho_t > 5.0).to(C_DTYPE)
-            rect64 = tl.sqrt((rho_t - 4.0) * (rho_t - 2.0) * rho_inf / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t))
+            # early steps have rho_t <= 5 (unused, possibly negative): clamp so sqrt makes no nan
+            rect_sq = (rho_t - 4.0) * (rho_t - 2.0) * rho_inf / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t)
+            rect64 = tl.sqrt(tl.maximum(rect_sq, 0.0))
             rect_c = tl.where(rho_t > 5.0, rect64, 1.0).to(C_DTYPE)
             bc2_sqrt_c = tl.where(rho_t > 5.0, tl.sqrt(bias_correction2), 1.0).to(C_DTYPE)
             bc1_c = (1.0 - pow64(hp(beta1, tl.float64), step)).to(C_DTYPE)

@@ -156,6 +156,16 @@ BAD_ARGS = {
 }
 
 
+# Adam and AdamW have their own table in test_adam.py; the feature tests use these.
+ADAM_EVERYTHING = {
+    "Adam": {"lr": 0.03, "betas": (0.8, 0.99), "eps": 1e-6, "weight_decay": 0.05, "amsgrad": True, "maximize": True},
+    "AdamW": {"lr": 0.03, "betas": (0.7, 0.9), "weight_decay": 0.3, "amsgrad": True, "maximize": True},
+}
+EVERY_ALGORITHM = ["Adam", "AdamW", *ALGORITHMS]
+
+
 def everything(name: str) -> dict:
     """The configuration of ``name`` that turns every option on."""
+    if name in ADAM_EVERYTHING:
+        return dict(ADAM_EVERYTHING[name])
     return next(c.kwargs for c in ALGORITHMS[name] if c.desc == "everything")

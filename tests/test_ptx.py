@@ -43,6 +43,13 @@ SCRIPT = textwrap.dedent(
             approx=len(re.findall(r"\\.approx(?:\\.ftz)?\\.f32|div\\.full\\.f32", ptx)),  # fp32 elementwise math
             sqrt_rn=ptx.count("sqrt.rn."), div_rn=ptx.count("div.rn."),
         )
+    from fused_optim.kernels.clip import _grad_norm_kernel
+    for gdt, norm_inf in (("fp32", False), ("bf16", True)):
+        constexprs = {"G_DTYPE": dtypes[gdt], "ACC_DTYPE": tl.float32, "NORM_INF": norm_inf,
+                      "BLOCK": block_size(warps, bytes_of[gdt])}
+        pointers = {"tensor_table": "i64", "block_table": "i64", "partials": "fp32"}
+        ptx = compile_for(_grad_norm_kernel, pointers, constexprs, arch=90, num_warps=warps).asm["ptx"]
+        out[f"clip-{gdt}"] = dict(vector_accesses(ptx), **ptxas_report(ptx, arch=90), local=ptx.count(".local"))
     print(json.dumps(out))
     """
 )
@@ -204,3 +211,11 @@ def test_kernel_codegen_for_sm90(report, case):
     if case["dtype"] != "fp64":  # fp64 sqrt and division are always correctly rounded in PTX
         assert r["sqrt_rn"] > 0 or not case["sqrt"], r
         assert r["div_rn"] > 0 or not case["div"], r
+
+
+@pytest.mark.parametrize("grads", ["fp32", "bf16"])
+def test_grad_norm_kernel_codegen_for_sm90(report, grads):
+    """The clipping reduction reads each grad once, as one 128-bit vector per thread."""
+    r = report[0][f"clip-{grads}"]
+    assert r["ld128"] == 1 and r["st128"] == 0, r
+    assert r["local"] == 0 and r["stack_frame"] == 0 and r["spill_stores"] == 0 and r["spill_loads"] == 0, r

@@ -346,6 +346,26 @@ def test_capturable_matches_torch(name, device):
     assert all(opt.state[p]["step"].device == p.device and opt.state[p]["step"].dtype == torch.float32 for p in stepped)
 
 
+@pytest.mark.parametrize("name", CAPTURABLE)
+def test_capturable_and_host_steps_give_identical_results(name, device):
+    """Step scalars computed in the kernel (float64, from the device step count) equal the ones the
+    host computes: params and every state key bit for bit, with grads None on some steps."""
+    init = random_tensors(SHAPES, torch.float32, 0, device)
+    params, host_params = leaves(init), leaves(init)
+    opt = getattr(fused_optim, name)(params, **everything(name), capturable=True)
+    host = getattr(fused_optim, name)(host_params, **everything(name))
+    for step in range(8):
+        set_grads(params, host_params, step, 0, grad_none=lambda s, i: (s + i) % 4 == 0)
+        opt.step()
+        host.step()
+        for i, (p, q) in enumerate(zip(params, host_params)):
+            torch.testing.assert_close(p, q, rtol=0, atol=0, msg=f"param {i} step {step + 1}")
+            assert opt.state[p].keys() == host.state[q].keys()
+            for key, value in host.state[q].items():
+                mine = opt.state[p][key]
+                torch.testing.assert_close(mine.to(value), value, rtol=0, atol=0, msg=f"{key} {i} {step + 1}")
+
+
 class _NoHostReads(TorchFunctionMode):
     """Fails on anything that reads a tensor's value on the host (a sync on a GPU)."""
 

@@ -29,6 +29,7 @@ import triton
 import fused_optim
 from fused_optim.kernels import INTERPRETED
 
+from . import features
 from .parity import parity_table
 from .timing import copy_gbps, device_time_ms, host_time_us, kernels_skipped
 from .workloads import ALGORITHMS, WORKLOAD_ALGORITHMS, Point, plan
@@ -41,6 +42,7 @@ HEADERS = {
     "counts": "the same total split into more and more tensors",
     "models": "real model parameter lists",
     "algorithms": "every algorithm at one size",
+    "features": "AdamW with a training feature on, against the torch recipe for the same",
 }
 
 
@@ -113,10 +115,21 @@ def _release():
 
 
 def measure(point: Point, name: str, providers, device, dtype: str) -> list[Row]:
+    recipe = features.RECIPES.get(name) if point.workload == "features" else None
+    if recipe is not None:
+        dtype = next(k for k, v in DTYPES.items() if v == recipe.dtype)
+        providers = [p for p in features.PROVIDERS if p in providers]
     params = _params(point.shapes, device, DTYPES[dtype])
-    probe = getattr(fused_optim, name)(params, **ALGORITHMS[name])
-    probe.step()
-    n_bytes = probe.bytes_per_step()
+    if recipe is not None:
+        probe = fused_optim.AdamW(params, **features.ADAMW, **recipe.fused_kwargs)
+        probe.step()
+        n_bytes = features.bytes_per_step(name, probe)
+    else:
+        probe = getattr(fused_optim, name)(params, **ALGORITHMS[name])
+        # the probe only lays out state; on CPU the interpreter would run 1,000 tiny programs for the host point
+        with kernels_skipped() if point.workload == "host" and device.type == "cpu" else _nothing():
+            probe.step()
+        n_bytes = probe.bytes_per_step()
     del probe
     _release()
     ceiling = copy_gbps(n_bytes, device) if point.workload != "host" else None
@@ -134,7 +147,11 @@ def measure(point: Point, name: str, providers, device, dtype: str) -> list[Row]
     for provider in providers:
         row = Row(provider=provider, **base)
         try:
-            step, row.compile_s = _step_fn(provider, name, params)
+            if recipe is not None:
+                step = features.step_fn(name, provider, params)
+                row.note = recipe.torch_note if provider != "fused_optim" else ""
+            else:
+                step, row.compile_s = _step_fn(provider, name, params)
             if point.workload == "host":
                 skip = kernels_skipped() if provider == "fused_optim" and device.type == "cpu" else _nothing()
                 with skip:
@@ -175,7 +192,7 @@ def _print_rows(rows: list[Row]) -> None:
         by_case.setdefault((row.workload, row.point, row.algorithm), []).append(row)
     for (workload, point, algorithm), case in by_case.items():
         fused = next((r for r in case if r.provider == "fused_optim"), None)
-        head = f"  {algorithm:<9} {point:<28} {case[0].bytes_per_step / 1e6:10.1f} MB/step"
+        head = f"  {algorithm:<15} {point:<28} {case[0].bytes_per_step / 1e6:10.1f} MB/step"
         if workload == "host":
             print(head)
             for r in case:
@@ -188,9 +205,11 @@ def _print_rows(rows: list[Row]) -> None:
             if r.median_ms is None:
                 print(f"      {r.provider:<16}  {r.note}")
                 continue
+            note = f"  ({r.note})" if r.note else ""
             ratio = f"{r.median_ms / fused.median_ms:14.2f}x" if fused and fused.median_ms else ""
             comp = f"{r.compile_s:11.1f}" if r.compile_s is not None else ""
-            print(f"      {r.provider:<16}{r.median_ms:10.4f}{r.gbps:10.1f}{r.pct_of_copy:8.1f}%{ratio:>15}{comp}")
+            timing = f"{r.median_ms:10.4f}{r.gbps:10.1f}{r.pct_of_copy:8.1f}%"
+            print(f"      {r.provider:<16}{timing}{ratio:>15}{comp:>11}{note}")
 
 
 def _plot(rows: list[Row], workload: str, title: str, path: Path) -> None:
@@ -236,8 +255,8 @@ def _x(row: Row, workload: str) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("--workloads", default="sizes,counts,models,algorithms,host",
-                        help="comma-separated subset of sizes,counts,models,algorithms,host")  # fmt: skip
+    parser.add_argument("--workloads", default="sizes,counts,models,algorithms,features,host",
+                        help="comma-separated subset of sizes,counts,models,algorithms,features,host")  # fmt: skip
     parser.add_argument("--algorithms", default=None, help="comma-separated filter, e.g. Adam,SGD")
     parser.add_argument("--quick", action="store_true", help="fewer and smaller points (CUDA)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
@@ -287,7 +306,7 @@ def main(argv=None) -> int:
         for workload in args.workloads.split(",")
         for point in points[workload]
         for algo in WORKLOAD_ALGORITHMS[workload]
-        if only is None or algo in only
+        if only is None or algo in only or (workload == "features" and "AdamW" in only)
     ]
     rows: list[Row] = []
     from tqdm import tqdm

@@ -22,7 +22,7 @@ ALGORITHMS: dict[str, dict] = {
 class Point:
     """One measured configuration: a list of parameter shapes, labelled for tables and plots."""
 
-    workload: str  # "sizes", "counts", "models", "algorithms", "host"
+    workload: str  # "sizes", "counts", "models", "algorithms", "features", "host"
     label: str
     shapes: list[tuple[int, ...]]
     x: int  # the swept quantity: total params (sizes), tensor count (counts), else total params
@@ -82,6 +82,7 @@ def plan(cuda: bool, quick: bool) -> dict[str, list[Point]]:
                 Point("models", "Llama 1B-like (1.24B)", llama(), 0),
             ],
             "algorithms": [Point("algorithms", "2^26 params / 64 tensors", split(2**26, 64), 2**26)],
+            "features": [Point("features", "2^26 params / 64 tensors", split(2**26, 64), 2**26)],
             "host": [Point("host", "1,000 tensors of 4,096", split(1000 * 4096, 1000), 1000)],
         }
     if cuda:  # quick
@@ -90,6 +91,7 @@ def plan(cuda: bool, quick: bool) -> dict[str, list[Point]]:
             "counts": count_sweep(22, [1, 64, 4096]),
             "models": [Point("models", "GPT-2 small (124M)", gpt2(), 0)],
             "algorithms": [Point("algorithms", "2^22 params / 64 tensors", split(2**22, 64), 2**22)],
+            "features": [Point("features", "2^22 params / 64 tensors", split(2**22, 64), 2**22)],
             "host": [Point("host", "1,000 tensors of 4,096", split(1000 * 4096, 1000), 1000)],
         }
     return {  # CPU: tiny, through the interpreter; not performance figures
@@ -100,6 +102,7 @@ def plan(cuda: bool, quick: bool) -> dict[str, list[Point]]:
             Point("models", "Llama-like, tiny", llama(n_layer=2, hidden=32, intermediate=64, kv_dim=8, vocab=256), 0),
         ],
         "algorithms": [Point("algorithms", "2^12 params / 4 tensors", split(2**12, 4), 2**12)],
+        "features": [Point("features", "2^12 params / 4 tensors", split(2**12, 4), 2**12)],
         "host": [Point("host", "1,000 tensors of 16", split(1000 * 16, 1000), 1000)],
     }
 
@@ -110,5 +113,6 @@ WORKLOAD_ALGORITHMS = {
     "counts": ["Adam", "AdamW", "SGD"],
     "models": ["AdamW"],
     "algorithms": list(ALGORITHMS),
+    "features": ["AMP", "clip", "master bf16", "bf16 states", "stochastic bf16", "capturable"],  # AdamW recipes
     "host": ["Adam", "AdamW", "SGD"],
 }

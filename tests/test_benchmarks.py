@@ -30,12 +30,20 @@ def test_runner_end_to_end_on_cpu(tmp_path):
     assert results["meta"]["performance_figures"] is False
     assert results["meta"]["command"].startswith("python -m benchmarks")
     rows = results["rows"]
-    assert {r["workload"] for r in rows} == {"sizes", "counts", "models", "algorithms", "host"}
-    timed = [r for r in rows if r["workload"] != "host"]
+    assert {r["workload"] for r in rows} == {"sizes", "counts", "models", "algorithms", "features", "host"}
+    timed = [r for r in rows if r["workload"] not in ("host", "features")]
     for provider in ("fused_optim", "torch for-loop", "torch foreach", "torch fused"):
         mine = [r for r in timed if r["provider"] == provider]
         assert mine and all(r["median_ms"] > 0 and r["gbps"] > 0 and r["copy_gbps"] > 0 for r in mine), provider
     assert all(r["bytes_per_step"] == 28 * r["n_params"] for r in timed)  # fp32 AdamW
     assert all(r["host_us"] > 0 for r in rows if r["workload"] == "host")
+    # AdamW with a training feature: bytes per param of the fused update (+ the clip's grad read)
+    per_param = {"AMP": 28, "clip": 32, "master bf16": 28, "bf16 states": 20, "stochastic bf16": 14, "capturable": 28}
+    recipes = [r for r in rows if r["workload"] == "features"]
+    assert {r["algorithm"] for r in recipes} == set(per_param)
+    for r in recipes:
+        assert r["bytes_per_step"] == per_param[r["algorithm"]] * r["n_params"], r
+        if r["provider"] == "fused_optim":
+            assert r["median_ms"] > 0 and r["gbps"] > 0, r
     for name in ("results.csv", "sizes.png", "counts.png"):
         assert (tmp_path / name).stat().st_size > 0, name

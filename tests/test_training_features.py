@@ -427,3 +427,48 @@ def test_capturable_refuses_hyperparameters_on_an_accelerator():
     with pytest.raises(NotImplementedError, match="betas"):
         opt.step()
     assert torch.equal(p.detach(), before) and not opt.state[p]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a GPU (runs on CUDA machines)")
+@pytest.mark.parametrize("name", ["AdamW", "NAdam", "RAdam"])
+def test_cuda_graph_replay_follows_eager_steps(name):
+    """A whole capturable step (device step counts, a tensor lr updated in place by a scheduler,
+    clipping) captured once in a CUDA graph and replayed equals the same steps run eagerly."""
+    device = torch.device("cuda")
+    init = random_tensors([(4096,), (33, 65), (7,)], torch.float32, 0, device)
+    runs = []
+    for capture in (True, False):
+        params = leaves(init)
+        for p in params:
+            p.grad = torch.zeros_like(p)  # static grads: the graph reads them where they are
+        kwargs = dict(everything(name), lr=torch.tensor(0.01, device=device))
+        opt = getattr(fused_optim, name)(params, **kwargs, capturable=True, max_grad_norm=1.0)
+        sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.8)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the default stream: compile, tables, state layout
+            for step in range(3):
+                for p, g in zip(params, random_tensors([p.shape for p in params], torch.float32, 100 + step, device)):
+                    p.grad.copy_(g)
+                opt.step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = None
+        if capture:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                opt.step()
+        history = []
+        for step in range(5):
+            for p, g in zip(params, random_tensors([p.shape for p in params], torch.float32, 200 + step, device)):
+                p.grad.copy_(g)
+            graph.replay() if capture else opt.step()
+            sched.step()  # writes the new lr into the same tensor
+            history.append([p.detach().clone() for p in params])
+        runs.append((history, opt, params))
+    (captured, opt, params), (eager, ref, ref_params) = runs
+    for step, (mine, theirs) in enumerate(zip(captured, eager)):
+        for i, (a, b) in enumerate(zip(mine, theirs)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"param {i} after replay {step + 1}")
+    for p, q in zip(params, ref_params):
+        for key, value in ref.state[q].items():
+            torch.testing.assert_close(opt.state[p][key], value, rtol=0, atol=0, msg=key)

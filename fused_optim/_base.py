@@ -35,7 +35,15 @@ from .kernels.clip import grad_norm_partials
 __all__ = ["FusedOptimizer", "call_torch", "check_like_torch"]
 
 _data_ptr = torch.Tensor.data_ptr
+try:  # DTensor (FSDP2, tensor parallel): the kernels run on each rank's local shard
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # torch < 2.5, or built without distributed
+    try:
+        from torch.distributed._tensor import DTensor as _DTensor
+    except ImportError:
+        _DTensor = None
 _MISSING = object()
+_PARTIAL = ("partial",)  # norm class of a param with a Partial placement: not clipped
 _REAL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _COMPLEX_DTYPES = {torch.complex64: torch.float32, torch.complex128: torch.float64}
 
@@ -133,9 +141,47 @@ class _TrackedState(defaultdict):
 # --------------------------------------------------------------------------------------------
 # Layout helpers
 # --------------------------------------------------------------------------------------------
+def _is_dtensor(t) -> bool:
+    return _DTensor is not None and isinstance(t, _DTensor)
+
+
+def _local(t):
+    """The tensor the kernels work on: a DTensor's local shard, or the tensor itself."""
+    return t._local_tensor if _is_dtensor(t) else t
+
+
+def _like_param(local: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``local`` (shaped like ``param``'s local shard) as ``param`` is seen: a DTensor with its
+    mesh and placements for a DTensor param, else ``local`` itself."""
+    if not _is_dtensor(param):
+        return local
+    return _DTensor.from_local(
+        local, param.device_mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride()
+    )
+
+
 def _real(t: torch.Tensor) -> torch.Tensor:
-    """Complex tensors are updated as their real view, as torch.optim does."""
+    """Complex tensors are updated as their real view, as torch.optim does; DTensors as their
+    local shard."""
+    t = _local(t)
     return torch.view_as_real(t) if t.is_complex() else t
+
+
+def _mesh_device(mesh) -> torch.device:
+    if mesh.device_type == "cpu":
+        return torch.device("cpu")
+    return torch.device(mesh.device_type, getattr(torch, mesh.device_type).current_device())
+
+
+def _norm_class(p):
+    """How a param's share of a global grad norm is combined across ranks: None for a plain
+    tensor (or a replicated DTensor), else (mesh, the mesh dims its placements shard)."""
+    if not _is_dtensor(p):
+        return None
+    if any(placement.is_partial() for placement in p.placements):
+        return _PARTIAL
+    dims = tuple(dim for dim, placement in enumerate(p.placements) if not placement.is_replicate())
+    return (p.device_mesh, dims) if dims else None
 
 
 def _real_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -223,6 +269,8 @@ class _Segment:
         self.scalars = {k: torch.zeros(len(members), dtype=_scalar_dtype(), device=scalar_device) for k in scalar_keys}
         self.scalars_np = {} if device_step else {k: v.numpy() for k, v in self.scalars.items()}
         self.fresh: set[int] = set()  # members whose FRESH state the next launch writes
+        self.norm_classes = [_norm_class(p) for p in members]  # for clipping across ranks
+        self.uniform_norm_class = len(set(self.norm_classes)) <= 1
 
     def region(self, i: int, key: str) -> torch.Tensor:
         """Member ``i``'s region of ``key`` in its real dtype and layout."""
@@ -231,7 +279,8 @@ class _Segment:
     def view(self, i: int, key: str) -> torch.Tensor:
         """The tensor stored as ``state[member][key]``: shaped like the member (complex if it is)."""
         region = self.region(i, key)
-        return torch.view_as_complex(region) if self.members[i].is_complex() else region
+        member = self.members[i]
+        return _like_param(torch.view_as_complex(region) if member.is_complex() else region, member)
 
 
 @dataclass
@@ -259,10 +308,11 @@ class _Plan:
 
 
 class _GroupCache:
-    __slots__ = ("group", "plan", "segments", "signature")
+    __slots__ = ("group", "norm_classes", "plan", "segments", "signature")
 
     def __init__(self, group) -> None:
         self.group = group
+        self.norm_classes: list = []  # distinct _norm_class of the group's params, in order
         self.segments: dict = {}
         self.plan: _Plan | None = None
         self.signature: tuple | None = None
@@ -581,13 +631,16 @@ class FusedOptimizer(Optimizer):
         params = group["params"]
         grads = [p.grad for p in params]
         try:
-            gkey = tuple(map(_data_ptr, grads))  # fails on a None or sparse grad
-        except (TypeError, RuntimeError):
-            gkey = tuple(0 if g is None else -1 if g.layout != torch.strided else g.data_ptr() for g in grads)
-        try:
             pkey = tuple(map(_data_ptr, params))
         except RuntimeError:
             pkey = None
+        if pkey is not None and 0 in pkey:  # a DTensor (its data_ptr is 0), or an empty tensor
+            pkey = tuple(_data_ptr(_local(p)) for p in params)
+            grads = [None if g is None else _local(g) for g in grads]
+        try:
+            gkey = tuple(map(_data_ptr, grads))  # fails on a None or sparse grad
+        except (TypeError, RuntimeError):
+            gkey = tuple(0 if g is None else -1 if g.layout != torch.strided else g.data_ptr() for g in grads)
         cache = self._caches.get(index)
         plan = cache.plan if cache is not None and cache.group is group else None
         if (
@@ -622,11 +675,12 @@ class FusedOptimizer(Optimizer):
                     f"fused_optim.{name}: stochastic_rounding rounds to bfloat16; parameter {i} of param group "
                     f"{index} is float16 (use master_weights=True for fp16 params)"
                 )
-            if g is not None and (g.dtype != p.dtype or g.shape != p.shape or g.device != p.device):
+            q = p if _is_dtensor(g) else _local(p)  # grads of DTensors arrive here as local shards
+            if g is not None and (g.dtype != q.dtype or g.shape != q.shape or g.device != q.device):
                 raise RuntimeError(
                     f"fused_optim.{name}: the grad of parameter {i} of param group {index} "
                     f"({g.dtype}, {tuple(g.shape)}, {g.device}) does not match the parameter "
-                    f"({p.dtype}, {tuple(p.shape)}, {p.device})"
+                    f"({q.dtype}, {tuple(q.shape)}, {q.device})"
                 )
             state = self.state.get(p)
             if state:
@@ -653,6 +707,12 @@ class FusedOptimizer(Optimizer):
                 raise ValueError(
                     f"state {key!r} of {where} has shape {tuple(value.shape)} and dtype {value.dtype}, "
                     f"but the parameter has shape {tuple(p.shape)} and dtype {p.dtype}"
+                )
+            if _local(value).shape != _local(p).shape:  # a DTensor param needs its state sharded alike
+                raise ValueError(
+                    f"state {key!r} of {where} holds a local shard of shape {tuple(_local(value).shape)}, "
+                    f"but the parameter's local shard has shape {tuple(_local(p).shape)} (placements "
+                    f"{getattr(value, 'placements', None)} vs {getattr(p, 'placements', None)})"
                 )
 
     # --- layout and plans ------------------------------------------------------------------
@@ -696,6 +756,7 @@ class FusedOptimizer(Optimizer):
             )
             segments[key] = seg if same else self._new_segment(group, key, [params[i] for i in positions], positions)
         cache.segments = segments
+        cache.norm_classes = list(dict.fromkeys(map(_norm_class, params)))
         cache.signature = signature
         cache.plan = None
 
@@ -848,10 +909,11 @@ class FusedOptimizer(Optimizer):
             return
         rows = launch.rows.tolist()
         params = [seg.members[i] for i in rows]
-        grads = [grads[seg.group_index[i]] for i in rows]
+        grads = [_local(grads[seg.group_index[i]]) for i in rows]
         factor = inputs.factor()
         if factor is not None:
             grads = [g * factor.to(g.device) for g in grads]
+        grads = [_like_param(g, p) for g, p in zip(grads, params)]  # DTensor params get DTensor grads
         states = [self.state[p] for p in params]
         fresh = [i in seg.fresh for i in rows]
         if seg.master:  # update the fp32 master copies, then round them into the params
@@ -938,24 +1000,34 @@ class FusedOptimizer(Optimizer):
         if norm_type not in (2.0, math.inf):
             raise NotImplementedError(f"fused_optim clips by the 2-norm or the inf-norm, not norm_type={norm_type}")
         inf = norm_type == math.inf
-        parts = []
+        parts: dict = defaultdict(list)  # norm class -> partial norms (None: needs no reduction across ranks)
         for plan, grads, _, _ in work:
             if plan.sparse:
                 raise NotImplementedError("fused_optim does not clip sparse gradients")
             for launch in plan.launches:
+                seg, rows = launch.seg, launch.rows.tolist()
                 if launch.tables is not None:
                     self._stage_grads(launch, grads)
-                    partials = grad_norm_partials(launch.tables, launch.seg.dtype, inf, self._num_warps)
-                    parts.append(partials.amax() if inf else partials.sum())
+                    partials = grad_norm_partials(launch.tables, seg.dtype, inf, self._num_warps)
+                    if seg.uniform_norm_class:
+                        parts[seg.norm_classes[0]].append(partials.amax() if inf else partials.sum())
+                        continue
+                    # members of several classes: per-tensor norms from the block table, then per class
+                    owner = launch.tables.block_table[: launch.tables.n_blocks] >> 32
+                    per_tensor = torch.zeros(len(rows), dtype=partials.dtype, device=partials.device)
+                    per_tensor.scatter_reduce_(0, owner, partials[: launch.tables.n_blocks], "amax" if inf else "sum")
+                    for j, i in enumerate(rows):
+                        parts[seg.norm_classes[i]].append(per_tensor[j])
                 else:
-                    for i in launch.rows.tolist():
-                        g = _real(grads[launch.seg.group_index[i]]).double()
-                        parts.append(g.abs().amax() if inf else g.square().sum())
-        if not parts:
+                    for i in rows:
+                        g = _real(grads[seg.group_index[i]]).double()
+                        parts[seg.norm_classes[i]].append(g.abs().amax() if inf else g.square().sum())
+        if _PARTIAL in parts:
+            raise NotImplementedError("fused_optim does not clip grads of params with Partial placements")
+        total = self._combine_norms(parts, inf)
+        if total is None:
             return torch.tensor(0.0)
-        device = parts[0].device
-        stacked = torch.stack([p.to(device=device, dtype=torch.float64) for p in parts])
-        total = stacked.amax() if inf else stacked.sum().sqrt()
+        device = total.device
         if grad_scale is not None:
             total = total / grad_scale.to(device)
         dtype = (
@@ -964,6 +1036,37 @@ class FusedOptimizer(Optimizer):
             else torch.float32
         )
         return total.to(dtype)
+
+    def _combine_norms(self, parts: dict, inf: bool) -> torch.Tensor | None:
+        """Sum of squares (or max) over every class of partial norms, in float64; the classes of
+        DTensor params are reduced over the mesh dims their params are sharded on. Every rank
+        runs the same collectives in the same order: the classes come from the param groups."""
+        ordered = (c for _, cache in sorted(self._caches.items()) for c in cache.norm_classes)
+        classes = list(dict.fromkeys(c for c in ordered if c is not None and c != _PARTIAL))
+        local = parts.get(None, [])
+        if not local and not classes:
+            return None
+        device = local[0].device if local else None
+        totals = []
+        if local:
+            stacked = torch.stack([p.to(device=device, dtype=torch.float64) for p in local])
+            totals.append(stacked.amax() if inf else stacked.sum())
+        for cls in classes:
+            import torch.distributed as dist
+
+            mesh, dims = cls
+            mine = parts.get(cls, [])
+            if mine:
+                value = torch.stack([p.to(torch.float64) for p in mine])
+                value = value.amax() if inf else value.sum()
+            else:  # this rank holds no grad of the class: its share is zero
+                value = torch.zeros((), dtype=torch.float64, device=_mesh_device(mesh))
+            for dim in dims:
+                dist.all_reduce(value, op=dist.ReduceOp.MAX if inf else dist.ReduceOp.SUM, group=mesh.get_group(dim))
+            device = device or value.device
+            totals.append(value.to(device))
+        stacked = torch.stack(totals)
+        return stacked.amax() if inf else stacked.sum().sqrt()
 
     # --- introspection ---------------------------------------------------------------------------
     def bytes_per_step(self) -> int:

@@ -1,0 +1,226 @@
+"""Rank programs for the multi-process tests (test_distributed.py): each runs in every process of
+a small gloo (CPU) or NCCL (CUDA) job started by ``run_ranks``, and raises on any mismatch."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).parent))  # the spawned ranks import the helpers beside this file
+
+import fused_optim
+from algorithms import EVERY_ALGORITHM, everything
+from parity import TOL, close
+
+RUN = TOL[torch.float32][1]
+EXACT = {"rtol": 0.0, "atol": 0.0}
+
+try:  # torch >= 2.6
+    from torch.distributed.fsdp import fully_shard
+except ImportError:  # pragma: no cover - torch 2.4 / 2.5
+    try:
+        from torch.distributed._composable.fsdp import fully_shard
+    except ImportError:
+        fully_shard = None
+
+
+# --- launching ------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(fn, world: int, *args) -> None:
+    """Run ``fn(*args)`` in ``world`` fresh processes joined in one process group."""
+    import torch.multiprocessing as mp
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(_free_port())
+    mp.spawn(_rank_main, args=(world, fn, args), nprocs=world, join=True)
+
+
+def _rank_main(rank: int, world: int, fn, args) -> None:
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
+    try:
+        fn(*args)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+# --- models -----------------------------------------------------------------------------------------
+def mlp(seed: int = 0) -> torch.nn.Module:
+    """The same small MLP on every rank (odd sizes, so FSDP2's dim-0 shards are uneven)."""
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(8, 19), torch.nn.Tanh(), torch.nn.Linear(19, 13), torch.nn.Tanh(), torch.nn.Linear(13, 3)
+    )
+    return model.to(_device())
+
+
+def fsdp2(model: torch.nn.Module) -> torch.nn.Module:
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def train_step(model, opt, step: int, clip: float | None = None):
+    """One step on this rank's own batch; returns the total grad norm when clipping."""
+    gen = torch.Generator().manual_seed(1000 * step + dist.get_rank())
+    x = torch.randn(6, 8, generator=gen).to(_device())
+    y = torch.randn(6, 3, generator=gen).to(_device())
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    norm = None
+    if clip is not None:
+        if isinstance(opt, fused_optim.FusedOptimizer):
+            norm = opt.clip_grad_norm_(clip)
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    opt.step()
+    opt.zero_grad()
+    return norm
+
+
+def _local(t):
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def compare(model, opt, ref_model, ref_opt, tol, where: str) -> None:
+    """Params and every state key, shard by shard; state tensors sharded exactly as their param."""
+    for (name, p), q in zip(model.named_parameters(), ref_model.parameters()):
+        close(_local(p).detach(), _local(q).detach(), tol, f"{name} {where}")
+        mine, theirs = opt.state[p], ref_opt.state[q]
+        assert set(mine) == set(theirs), (name, sorted(mine), sorted(theirs))
+        for key, value in theirs.items():
+            assert type(mine[key]) is type(value), (name, key, type(mine[key]), type(value))
+            if hasattr(value, "placements"):
+                assert mine[key].placements == value.placements == p.placements, (name, key)
+            close(_local(mine[key]).to(_local(value)), _local(value), tol, f"{key} of {name} {where}")
+
+
+# --- rank programs --------------------------------------------------------------------------------
+def fsdp2_parity(names: list[str]) -> None:
+    """Every algorithm on FSDP2-sharded params (DTensors) against torch.optim on the same setup."""
+    for name in names:
+        model, ref_model = fsdp2(mlp()), fsdp2(mlp())
+        opt = getattr(fused_optim, name)(model.parameters(), **everything(name))
+        ref = getattr(torch.optim, name)(ref_model.parameters(), foreach=False, **everything(name))
+        for step in range(4):
+            train_step(model, opt, step)
+            train_step(ref_model, ref, step)
+            compare(model, opt, ref_model, ref, RUN, f"{name} step {step + 1} rank {dist.get_rank()}")
+
+
+def fsdp2_clip() -> None:
+    """The global norm over every rank's shards, and the clipped steps, equal torch's."""
+    for max_norm in (0.05, 1e3):
+        model, ref_model = fsdp2(mlp()), fsdp2(mlp())
+        opt = fused_optim.AdamW(model.parameters(), lr=0.05)
+        ref = torch.optim.AdamW(ref_model.parameters(), lr=0.05, foreach=False)
+        for step in range(3):
+            ours = train_step(model, opt, step, clip=max_norm)
+            theirs = train_step(ref_model, ref, step, clip=max_norm)
+            theirs = theirs.full_tensor() if hasattr(theirs, "full_tensor") else theirs
+            close(ours, theirs, {"rtol": 1e-6, "atol": 0.0}, f"total norm step {step + 1}")
+            compare(model, opt, ref_model, ref, RUN, f"clip {max_norm} step {step + 1}")
+
+
+def ddp_parity(names: list[str]) -> None:
+    """Every algorithm on DDP-replicated params, against torch.optim on the same setup."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    for name in names:
+        model, ref_model = DDP(mlp()), DDP(mlp())
+        opt = getattr(fused_optim, name)(model.parameters(), **everything(name))
+        ref = getattr(torch.optim, name)(ref_model.parameters(), foreach=False, **everything(name))
+        for step in range(4):
+            train_step(model, opt, step, clip=0.5 if name == "AdamW" else None)
+            train_step(ref_model, ref, step, clip=0.5 if name == "AdamW" else None)
+            compare(model, opt, ref_model, ref, RUN, f"{name} step {step + 1} rank {dist.get_rank()}")
+
+
+def dcp_save_and_restore(folder: str) -> None:
+    """Save model and optimizer with torch.distributed.checkpoint, restore them into fresh ones
+    (fused_optim and torch.optim), and check the restored states and the steps that follow."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    def restore(optimizer_cls, **kwargs):
+        model = fsdp2(mlp(seed=7))  # other weights: all of them must come from the checkpoint
+        opt = optimizer_cls(model.parameters(), lr=0.02, weight_decay=0.1, **kwargs)
+        state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+        dcp.load(state, checkpoint_id=folder)
+        set_model_state_dict(model, state["model"])
+        set_optimizer_state_dict(model, opt, state["optim"])
+        return model, opt
+
+    model = fsdp2(mlp())
+    opt = fused_optim.AdamW(model.parameters(), lr=0.02, weight_decay=0.1)
+    for step in range(3):
+        train_step(model, opt, step)
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+    dcp.save(state, checkpoint_id=folder)
+    full = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() == 0:
+        torch.save(full, Path(folder) / "full_optim.pt")
+
+    mine, mine_opt = restore(fused_optim.AdamW)
+    theirs, theirs_opt = restore(torch.optim.AdamW, foreach=False)
+    compare(mine, mine_opt, model, opt, EXACT, "after restoring")
+    compare(theirs, theirs_opt, model, opt, EXACT, "torch.optim after restoring")
+    for step in range(3, 5):
+        for m, o in ((model, opt), (mine, mine_opt), (theirs, theirs_opt)):
+            train_step(m, o, step)
+        compare(mine, mine_opt, model, opt, EXACT, f"restored, step {step + 1}")
+        compare(theirs, theirs_opt, model, opt, RUN, f"torch.optim restored, step {step + 1}")
+
+
+def dcp_reshard(folder: str) -> None:
+    """Load a checkpoint saved by a 2-rank job into a job of another size: the full state equals
+    the one the 2-rank job gathered."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    model = fsdp2(mlp(seed=7))
+    opt = fused_optim.AdamW(model.parameters(), lr=0.02, weight_decay=0.1)
+    state = {"optim": get_optimizer_state_dict(model, opt)}
+    dcp.load(state, checkpoint_id=folder)
+    set_optimizer_state_dict(model, opt, state["optim"])
+    full = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    saved = torch.load(Path(folder) / "full_optim.pt", weights_only=False)
+    assert full["state"].keys() == saved["state"].keys()
+    for fqn, entry in saved["state"].items():
+        assert full["state"][fqn].keys() == entry.keys(), fqn
+        for key, value in entry.items():
+            close(full["state"][fqn][key], value, EXACT, f"{key} of {fqn} after resharding")
+    assert [{k: v for k, v in g.items() if k != "params"} for g in full["param_groups"]] == [
+        {k: v for k, v in g.items() if k != "params"} for g in saved["param_groups"]
+    ]
+
+
+ALL = EVERY_ALGORITHM

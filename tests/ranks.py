@@ -114,16 +114,21 @@ def compare(model, opt, ref_model, ref_opt, tol, where: str) -> None:
 
 
 # --- rank programs --------------------------------------------------------------------------------
-def fsdp2_parity(names: list[str]) -> None:
-    """Every algorithm on FSDP2-sharded params (DTensors) against torch.optim on the same setup."""
+def _parity(names: list[str], wrap, clip_name: str | None = None) -> None:
     for name in names:
-        model, ref_model = fsdp2(mlp()), fsdp2(mlp())
+        model, ref_model = wrap(mlp()), wrap(mlp())
         opt = getattr(fused_optim, name)(model.parameters(), **everything(name))
         ref = getattr(torch.optim, name)(ref_model.parameters(), foreach=False, **everything(name))
+        clip = 0.5 if name == clip_name else None
         for step in range(4):
-            train_step(model, opt, step)
-            train_step(ref_model, ref, step)
+            train_step(model, opt, step, clip)
+            train_step(ref_model, ref, step, clip)
             compare(model, opt, ref_model, ref, RUN, f"{name} step {step + 1} rank {dist.get_rank()}")
+
+
+def fsdp2_parity(names: list[str]) -> None:
+    """Every algorithm on FSDP2-sharded params (DTensors) against torch.optim on the same setup."""
+    _parity(names, fsdp2)
 
 
 def fsdp2_clip() -> None:
@@ -141,17 +146,10 @@ def fsdp2_clip() -> None:
 
 
 def ddp_parity(names: list[str]) -> None:
-    """Every algorithm on DDP-replicated params, against torch.optim on the same setup."""
+    """Every algorithm on DDP-replicated params against torch.optim on the same setup (AdamW clipped)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    for name in names:
-        model, ref_model = DDP(mlp()), DDP(mlp())
-        opt = getattr(fused_optim, name)(model.parameters(), **everything(name))
-        ref = getattr(torch.optim, name)(ref_model.parameters(), foreach=False, **everything(name))
-        for step in range(4):
-            train_step(model, opt, step, clip=0.5 if name == "AdamW" else None)
-            train_step(ref_model, ref, step, clip=0.5 if name == "AdamW" else None)
-            compare(model, opt, ref_model, ref, RUN, f"{name} step {step + 1} rank {dist.get_rank()}")
+    _parity(names, DDP, clip_name="AdamW")
 
 
 def dcp_save_and_restore(folder: str) -> None:

@@ -30,6 +30,10 @@ except ImportError:  # pragma: no cover - torch 2.4 / 2.5
 
 
 # --- launching ------------------------------------------------------------------------------------
+# Two ranks: gloo on CPU, NCCL with a GPU each; a one-GPU machine runs the same programs as 1 rank.
+WORLD = 2 if not torch.cuda.is_available() or torch.cuda.device_count() >= 2 else 1
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -222,3 +226,64 @@ def dcp_reshard(folder: str) -> None:
 
 
 ALL = EVERY_ALGORITHM
+
+
+# --- README snippets (test_docs.py) ---------------------------------------------------------------
+class Blocks(torch.nn.Module):
+    """A model with ``.layers``, as the FSDP2 snippet expects."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.layers = torch.nn.ModuleList([torch.nn.Linear(8, 19), torch.nn.Linear(19, 3)])
+
+    def forward(self, x):
+        return self.layers[1](torch.tanh(self.layers[0](x)))
+
+
+def _loader(batches: int):
+    gen = torch.Generator().manual_seed(dist.get_rank())
+    return [(torch.randn(6, 8, generator=gen).to(_device()), torch.randn(6, 3, generator=gen).to(_device()))] * batches
+
+
+def docs_fsdp2(train: str, checkpoint: str, folder: str) -> None:
+    """The FSDP2 snippet trains with DTensor state; the DCP snippet restores that state into a
+    fresh model and optimizer built by the same snippet."""
+    ns = {"model": Blocks().to(_device()), "loader": _loader(3), "checkpoint_dir": folder}
+    exec(train, ns)
+    model, opt = ns["model"], ns["opt"]
+    saved = []
+    for p in model.parameters():
+        state = opt.state[p]
+        assert float(state["step"]) == 3 and state["exp_avg"].placements == p.placements
+        saved.append({k: _local(v).clone() for k, v in state.items()})
+    cut = checkpoint.index("# later")  # the snippet's second half restores
+    save, load = checkpoint[:cut], checkpoint[cut:]
+    exec(save, ns)
+    fresh = {"model": Blocks(seed=5).to(_device()), "loader": [], "checkpoint_dir": folder}
+    exec(train, fresh)  # sharded again, optimizer built again, no step taken
+    fresh.update({k: ns[k] for k in ("dcp", "get_optimizer_state_dict", "set_optimizer_state_dict")})
+    exec(load, fresh)
+    for p, expected in zip(fresh["model"].parameters(), saved):
+        for key, value in expected.items():
+            close(_local(fresh["opt"].state[p][key]), value, EXACT, f"{key} after the DCP snippet")
+
+
+def docs_ddp(code: str) -> None:
+    """The DDP snippet: the same update as torch's clip then AdamW, and replicas that stay equal."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ns = {"model": Blocks().to(_device()), "loader": _loader(3)}
+    exec(code, ns)
+    ref_model = DDP(Blocks().to(_device()))
+    ref = torch.optim.AdamW(ref_model.parameters(), lr=3e-4, foreach=False)
+    for x, y in _loader(3):
+        torch.nn.functional.mse_loss(ref_model(x), y).backward()
+        torch.nn.utils.clip_grad_norm_(ref_model.parameters(), 1.0)
+        ref.step()
+        ref.zero_grad()
+    compare(ns["model"], ns["opt"], ref_model, ref, RUN, "after the DDP snippet")
+    flat = torch.cat([p.detach().reshape(-1) for p in ns["model"].parameters()])
+    replicas = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+    dist.all_gather(replicas, flat)
+    assert all(torch.equal(r, flat) for r in replicas)

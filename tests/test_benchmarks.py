@@ -7,6 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -47,3 +50,36 @@ def test_runner_end_to_end_on_cpu(tmp_path):
             assert r["median_ms"] > 0 and r["gbps"] > 0, r
     for name in ("results.csv", "sizes.png", "counts.png"):
         assert (tmp_path / name).stat().st_size > 0, name
+
+
+def test_demo_paths_are_torch_optims_paths(monkeypatch):
+    """The demo's fused optimizers trace the same paths as torch.optim with the same settings."""
+    from benchmarks import trajectories as demo
+
+    for surface in demo.SURFACES:
+        ours = {label: demo.path_on(surface, label, 25) for label in demo.OPTIMIZERS}
+        with monkeypatch.context() as m:
+            m.setattr(demo, "fused_optim", torch.optim)
+            theirs = {label: demo.path_on(surface, label, 25) for label in demo.OPTIMIZERS}
+        for label in demo.OPTIMIZERS:
+            assert ours[label].shape == theirs[label].shape, (surface, label)
+            np.testing.assert_allclose(ours[label], theirs[label], rtol=1e-5, atol=1e-5, err_msg=f"{surface}, {label}")
+
+
+def test_demo_end_to_end(tmp_path):
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)  # the demo switches the interpreter on itself without CUDA
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.trajectories", "--steps", "20", "--epochs", "2", "--out", str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    for label in ("SGD", "Nesterov", "Adadelta", "RAdam", "Adamax"):
+        assert f"{label} (" in out.stdout and f"{label}: batch" in out.stdout, label
+    for name in ("trajectories.png", "training.png"):
+        assert (tmp_path / name).stat().st_size > 10_000, name

@@ -3,15 +3,13 @@ torch.distributed.checkpoint, in real multi-process jobs: gloo on CPU (kernels t
 interpreter), NCCL on CUDA. Each rank checks its own shards against torch.optim on the same setup."""
 
 import pytest
-import torch
 import torch.distributed as dist
 
 import ranks as d
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="this torch is built without torch.distributed")
 needs_fsdp2 = pytest.mark.skipif(d.fully_shard is None, reason="FSDP2 (fully_shard) needs torch >= 2.4")
-# NCCL needs a GPU per rank: a one-GPU machine runs the same programs as a 1-rank job
-WORLD = 2 if not torch.cuda.is_available() or torch.cuda.device_count() >= 2 else 1
+WORLD = d.WORLD
 
 
 @needs_fsdp2

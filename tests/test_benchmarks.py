@@ -13,20 +13,19 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_runner_end_to_end_on_cpu(tmp_path):
+def _run_module(*args: str) -> str:
+    """stdout of ``python -m <args>`` run from the repository, as a user would run it."""
     env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)  # the runner switches the interpreter on itself without CUDA
+    env.pop("TRITON_INTERPRET", None)  # the scripts switch the interpreter on themselves without CUDA
     out = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--algorithms", "AdamW", "--out", str(tmp_path)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=300,
+        [sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True, check=False, timeout=300
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    text = out.stdout
+    return out.stdout
+
+
+def test_runner_end_to_end_on_cpu(tmp_path):
+    text = _run_module("benchmarks", "--algorithms", "AdamW", "--out", str(tmp_path))
     assert "NOT performance figures" in text
     assert "Parity after" in text and "AdamW" in text
     results = json.loads((tmp_path / "results.json").read_text())
@@ -67,19 +66,8 @@ def test_demo_paths_are_torch_optims_paths(monkeypatch):
 
 
 def test_demo_end_to_end(tmp_path):
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)  # the demo switches the interpreter on itself without CUDA
-    out = subprocess.run(
-        [sys.executable, "-m", "benchmarks.trajectories", "--steps", "20", "--epochs", "2", "--out", str(tmp_path)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
+    text = _run_module("benchmarks.trajectories", "--steps", "20", "--epochs", "2", "--out", str(tmp_path))
     for label in ("SGD", "Nesterov", "Adadelta", "RAdam", "Adamax"):
-        assert f"{label} (" in out.stdout and f"{label}: batch" in out.stdout, label
+        assert f"{label} (" in text and f"{label}: batch" in text, label
     for name in ("trajectories.png", "training.png"):
         assert (tmp_path / name).stat().st_size > 10_000, name

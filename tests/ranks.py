@@ -41,12 +41,21 @@ def _free_port() -> int:
 
 
 def run_ranks(fn, world: int, *args) -> None:
-    """Run ``fn(*args)`` in ``world`` fresh processes joined in one process group."""
+    """Run ``fn(*args)`` in ``world`` fresh processes joined in one process group. A job that
+    fails for another reason than a failed check (the rendezvous port taken meanwhile, a
+    connection reset while gloo sets up) runs once more on a new port; a failed check never does."""
     import torch.multiprocessing as mp
 
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(_free_port())
-    mp.spawn(_rank_main, args=(world, fn, args), nprocs=world, join=True)
+    for attempt in range(2):
+        os.environ["MASTER_ADDR"] = "127.0.0.1"
+        os.environ["MASTER_PORT"] = str(_free_port())
+        try:
+            mp.spawn(_rank_main, args=(world, fn, args), nprocs=world, join=True)
+            return
+        except mp.ProcessRaisedException as err:
+            if attempt or "AssertionError" in str(err):
+                raise
+            print(f"distributed job failed outside the checks, running it again:\n{err}", file=sys.stderr)
 
 
 def _rank_main(rank: int, world: int, fn, args) -> None:

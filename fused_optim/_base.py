@@ -29,7 +29,16 @@ from torch.optim import Optimizer
 
 from .kernels import INTERPRETED
 from .kernels._features import Features, advance_steps
-from .kernels._tables import ALIGN, FLAG_FRESH, VEC_BYTES, Tables, block_size, build_tables, scalar_table
+from .kernels._tables import (
+    ALIGN,
+    FLAG_FRESH,
+    VEC_BYTES,
+    Tables,
+    block_size,
+    build_tables,
+    repoint_grads,
+    scalar_table,
+)
 from .kernels.clip import grad_norm_partials
 
 __all__ = ["FusedOptimizer", "call_torch", "check_like_torch"]
@@ -305,6 +314,7 @@ class _Plan:
     keys: tuple
     launches: list
     sparse: list  # group positions of params with sparse grads this step
+    where: dict = field(default_factory=dict)  # group position -> (launch, row in its tables)
 
 
 class _GroupCache:
@@ -640,19 +650,53 @@ class FusedOptimizer(Optimizer):
         try:
             gkey = tuple(map(_data_ptr, grads))  # fails on a None or sparse grad
         except (TypeError, RuntimeError):
-            gkey = tuple(0 if g is None else -1 if g.layout != torch.strided else g.data_ptr() for g in grads)
+            # -2: no grad (an empty grad's address is 0), -1: sparse
+            gkey = tuple(-2 if g is None else -1 if g.layout != torch.strided else g.data_ptr() for g in grads)
         cache = self._caches.get(index)
         plan = cache.plan if cache is not None and cache.group is group else None
         if (
             plan is not None
             and not self._tracker.dirty
             and plan.pkey == pkey
-            and plan.gkey == gkey
             and plan.keys == self._signature(group)
+            and (plan.gkey == gkey or self._regrad(plan, grads, gkey))
         ):
             return plan, grads, pkey, gkey
         self._validate(index, group, grads)
         return None, grads, pkey, gkey
+
+    @staticmethod
+    def _regrad(plan: _Plan, grads, gkey) -> bool:
+        """The cached plan with only grad storage changed (autograd allocated new grads, as after
+        ``zero_grad(set_to_none=True)`` when the allocator hands out other addresses): point the
+        tables at the new grads and keep the rest. Each moved grad must match the one the plan was
+        checked with in dtype, device, shape and strides, so every check and layout decision still
+        holds. Otherwise (a grad appeared, vanished, turned sparse or changed) False, having
+        changed nothing: the full check then runs and raises where torch would."""
+        old = plan.gkey
+        if len(old) != len(gkey):
+            return False
+        moved: dict = {}  # id(launch) -> (launch, [row], [new address])
+        for i, (a, b) in enumerate(zip(old, gkey)):
+            if a == b:
+                continue
+            if a <= 0 or b <= 0:  # -2: no grad, -1: sparse, 0: empty
+                return False
+            launch, j, meta = plan.where[i]
+            g = grads[i]
+            if g.dtype != meta[0] or g.device != meta[1] or g.shape != meta[2] or g.stride() != meta[3]:
+                return False
+            if launch.tables is None or j < 0:
+                continue  # torch's implementation, or a staging copy, reads the grad where it is now
+            if launch.seg.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                return False
+            entry = moved.setdefault(id(launch), (launch, [], []))
+            entry[1].append(j)
+            entry[2].append(b)
+        for launch, rows, addrs in moved.values():
+            repoint_grads(launch.tables, np.asarray(rows, dtype=np.int64), np.asarray(addrs, dtype=np.int64))
+        plan.gkey = gkey
+        return True
 
     def _validate(self, index: int, group, grads) -> None:
         name = type(self).__name__
@@ -815,7 +859,17 @@ class FusedOptimizer(Optimizer):
             launches.append(launch)
         # Sparse grads (where the algorithm allows them) take torch's own code, param by param.
         sparse = [i for i, g in enumerate(grads) if g is not None and g.layout != torch.strided]
-        return _Plan(pkey, gkey, self._signature(group), launches, sparse)
+        # For grads that move later (_regrad): each position's launch, its row in the tensor table
+        # (-1: staged or no table) and the metadata of the grad this plan was checked with.
+        where = {}
+        for launch in launches:
+            staged = {pos for pos, _ in launch.stage_grads}
+            for j, i in enumerate(launch.rows.tolist()):
+                pos = int(launch.seg.group_index[i])
+                g = grads[pos]
+                row = -1 if launch.tables is None or pos in staged else j
+                where[pos] = (launch, row, (g.dtype, g.device, g.shape, g.stride()))
+        return _Plan(pkey, gkey, self._signature(group), launches, sparse, where)
 
     def _tables(self, seg: _Segment, rows: np.ndarray, grads, launch: _Launch) -> Tables:
         n = len(rows)

@@ -247,6 +247,7 @@ class Tables:
     block_table: torch.Tensor  # int64 [n_blocks]
     n_blocks: int
     block: int
+    rows: np.ndarray  # the tensor table on the host (shares memory with it on CPU)
 
 
 def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -285,7 +286,21 @@ def build_tables(
     tensor_of_block = np.repeat(np.arange(n, dtype=np.int64), per_tensor)
     first_block = np.repeat(np.cumsum(per_tensor) - per_tensor, per_tensor)
     blocks = (tensor_of_block << 32) | (np.arange(total, dtype=np.int64) - first_block)
-    return Tables(_to_device(rows, device), _to_device(blocks, device), total, block)
+    return Tables(_to_device(rows, device), _to_device(blocks, device), total, block, rows)
+
+
+def repoint_grads(tables: Tables, which: np.ndarray, grad_addrs: np.ndarray) -> None:
+    """Point rows ``which`` of the tensor table at new grad addresses (grads that autograd
+    reallocated), keeping everything else: the block table depends on numels only. The vector end
+    follows the new grad's alignment. On an accelerator the table is rewritten in place by a
+    stream-ordered copy, so kernels already queued read the old addresses and later ones the new."""
+    rows = tables.rows
+    rows[which, COL_GRAD] = grad_addrs
+    numels = rows[which, COL_NUMEL]
+    vec_ok = (rows[which, COL_PARAM] % VEC_BYTES == 0) & (grad_addrs % VEC_BYTES == 0)
+    rows[which, COL_VEC_END] = np.where(vec_ok, numels // tables.block * tables.block, 0)
+    if tables.tensor_table.device.type != "cpu":
+        tables.tensor_table.copy_(torch.from_numpy(rows).pin_memory(), non_blocking=True)
 
 
 def scalar_table(values: np.ndarray, device: torch.device) -> torch.Tensor:

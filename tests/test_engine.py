@@ -101,6 +101,62 @@ def test_tables_are_cached_until_a_storage_changes(device):
     assert_same(opt, ref, params, ref_params, TOL, "after a storage change")
 
 
+def test_moved_grads_keep_the_plan_and_are_read_where_they_now_are(device):
+    """New grad tensors every step (``zero_grad(set_to_none=True)`` then backward) keep the cached
+    plan: only the grad addresses in the tensor table change, and the vector path follows the new
+    grad's alignment. The old grads stay alive and are overwritten, so a table still pointing at
+    them would give wrong params. A grad of another layout rebuilds the plan."""
+    from fused_optim.kernels._tables import COL_GRAD, COL_VEC_END
+
+    opt, ref, params, ref_params = _pair(device, lr=0.05, weight_decay=0.1)
+    for step in range(2):  # the first step's plan (fresh state) holds for that step only
+        set_grads(params, ref_params, step, 0)
+        opt.step()
+        ref.step()
+    plan = opt._caches[0].plan
+    tables = plan.launches[0].tables
+    graveyard = []
+    for step in range(2, 6):
+        set_grads(params, ref_params, step, 0)
+        if step % 2:  # every grad 4 bytes past a 16-byte boundary: no 128-bit path for any tensor
+            for p in params:
+                buf = torch.empty(p.numel() + 1, device=device)
+                buf[1:].copy_(p.grad.reshape(-1))
+                p.grad = buf[1:].view(p.shape)
+        old = [p.grad.clone() for p in params]
+        graveyard.append(old)
+        opt.step()
+        ref.step()
+        for g in old:
+            g.fill_(1e6)
+        assert opt._caches[0].plan is plan and plan.launches[0].tables is tables, f"step {step}: plan rebuilt"
+        rows = tables.rows
+        assert sorted(rows[:, COL_GRAD].tolist()) == sorted(p.grad.data_ptr() for p in params)
+        vec = rows[:, COL_VEC_END]
+        assert (vec == 0).all() if step % 2 else (vec > 0).any()
+        assert_same(opt, ref, params, ref_params, TOL, f"after moved grads at step {step}")
+    set_grads(params, ref_params, 6, 0)
+    two_d = [p for p in params if p.dim() == 2 and p.shape[0] > 1]
+    for p in two_d:  # same values, column-major: the grad no longer walks the param's memory order
+        p.grad = p.grad.t().contiguous().t()
+    opt.step()
+    ref.step()
+    assert opt._caches[0].plan is not plan
+    assert_same(opt, ref, params, ref_params, TOL, "after a grad changed layout")
+
+
+def test_empty_grad_and_no_grad_are_told_apart(device):
+    """An empty grad's address is 0: a step where an empty param loses its grad must not reuse
+    the plan that stepped it (torch leaves its step count alone)."""
+    opt, ref, params, ref_params = _pair(device, shapes=[(0,), (5,)], lr=0.05)
+    for step in range(4):
+        set_grads(params, ref_params, step, 0, grad_none=lambda s, i: s == 3 and i == 0)
+        opt.step()
+        ref.step()
+        assert_same(opt, ref, params, ref_params, TOL, f"step {step}")
+    assert float(opt.state[params[0]]["step"]) == 3.0
+
+
 def test_tables_use_int64_offsets():
     """Offsets past 2**31 elements survive the tables (no allocation needed to check)."""
     big = 2**31 + 5000

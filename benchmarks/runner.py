@@ -15,6 +15,7 @@ import argparse
 import csv
 import datetime
 import gc
+import inspect
 import json
 import platform
 import re
@@ -35,6 +36,7 @@ from .timing import copy_gbps, device_time_ms, host_time_us, kernels_skipped
 from .workloads import ALGORITHMS, WORKLOAD_ALGORITHMS, Point, plan
 
 PROVIDERS = ("fused_optim", "torch for-loop", "torch foreach", "torch fused", "torch.compile")
+GRAPH = "fused_optim graph"  # host workload only: the step captured once in a CUDA graph, then replayed
 TORCH_FUSED = {"Adam", "AdamW", "SGD", "Adagrad"}  # torch.optim classes with fused=True
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 HEADERS = {
@@ -64,6 +66,7 @@ class Row:
     pct_of_copy: float | None = None
     compile_s: float | None = None
     host_us: float | None = None
+    host_us_new_grads: float | None = None
     note: str = ""
 
 
@@ -81,6 +84,8 @@ def _step_fn(provider: str, name: str, params):
     if provider == "fused_optim":
         opt = getattr(fused_optim, name)(params, **kwargs)
         return opt.step, None
+    if provider == GRAPH:
+        return _graph_step(name, params), None
     torch_cls = getattr(torch.optim, name)
     if provider == "torch for-loop":
         return torch_cls(params, foreach=False, **kwargs).step, None
@@ -100,6 +105,30 @@ def _step_fn(provider: str, name: str, params):
     compiled_step()
     _sync(params[0].device)
     return compiled_step, time.perf_counter() - start
+
+
+def _graph_step(name: str, params):
+    """fused_optim's step captured in a CUDA graph (``capturable=True`` where the algorithm has
+    step state): each call is one ``replay()``, the way to take the per-tensor Python checks out
+    of the step. The graph reads the grads where they were at capture."""
+    if params[0].device.type != "cuda":
+        raise NotImplementedError("CUDA graphs need CUDA")
+    cls = getattr(fused_optim, name)
+    kwargs = dict(ALGORITHMS[name])
+    if "capturable" in inspect.signature(cls).parameters:
+        kwargs["capturable"] = True
+    opt = cls(params, **kwargs)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: layout, tables and compilation happen outside the capture
+        for _ in range(3):
+            opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    graph.opt = opt  # keep the optimizer (its state buffers) alive as long as the graph
+    return graph.replay
 
 
 def _sync(device):
@@ -144,6 +173,8 @@ def measure(point: Point, name: str, providers, device, dtype: str) -> list[Row]
         "copy_gbps": ceiling,
     }
     rows = []
+    if point.workload == "host":
+        providers = [*providers, GRAPH]
     for provider in providers:
         row = Row(provider=provider, **base)
         try:
@@ -154,8 +185,13 @@ def measure(point: Point, name: str, providers, device, dtype: str) -> list[Row]
                 step, row.compile_s = _step_fn(provider, name, params)
             if point.workload == "host":
                 skip = kernels_skipped() if provider == "fused_optim" and device.type == "cpu" else _nothing()
+                calls = 50 if device.type == "cuda" else 5
                 with skip:
-                    row.host_us = host_time_us(step, device, calls=50 if device.type == "cuda" else 5)
+                    row.host_us = host_time_us(step, device, calls)
+                    if provider == GRAPH:
+                        row.note = "replays read the grads captured; new grad tensors need a new capture"
+                    else:  # as after zero_grad(set_to_none=True) + backward, when addresses change
+                        row.host_us_new_grads = host_time_us(step, device, calls, before=_grad_swapper(params))
             else:
                 row.median_ms, row.p20_ms, row.p80_ms = device_time_ms(step, device)
                 row.gbps = n_bytes / (row.median_ms * 1e-3) / 1e9
@@ -166,6 +202,19 @@ def measure(point: Point, name: str, providers, device, dtype: str) -> list[Row]
         step = None
         _release()
     return rows
+
+
+def _grad_swapper(params):
+    """A callable that hands every param a different grad tensor (same values) at each call."""
+    sets = [[p.grad for p in params], [p.grad.clone() for p in params]]
+    turn = [0]
+
+    def swap():
+        turn[0] ^= 1
+        for p, g in zip(params, sets[turn[0]]):
+            p.grad = g
+
+    return swap
 
 
 class _nothing:
@@ -195,9 +244,13 @@ def _print_rows(rows: list[Row]) -> None:
         head = f"  {algorithm:<15} {point:<28} {case[0].bytes_per_step / 1e6:10.1f} MB/step"
         if workload == "host":
             print(head)
+            print(f"      {'provider':<18}{'same grads':>12}{'new grads':>12}")
             for r in case:
-                value = f"{r.host_us:10.1f} us" if r.host_us is not None else f"  {r.note}"
-                print(f"      {r.provider:<16}{value}")
+                if r.host_us is None:
+                    print(f"      {r.provider:<18}  {r.note}")
+                    continue
+                moved = f"{r.host_us_new_grads:9.1f} us" if r.host_us_new_grads is not None else f"{'-':>12}"
+                print(f"      {r.provider:<18}{r.host_us:9.1f} us{moved}")
             continue
         print(f"{head}   copy {case[0].copy_gbps:8.1f} GB/s")
         print(f"      {'provider':<16}{'ms/step':>10}{'GB/s':>10}{'% copy':>9}{'fused speedup':>15}{'compile s':>11}")

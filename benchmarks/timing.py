@@ -40,12 +40,15 @@ def copy_gbps(n_bytes: int, device: torch.device, cap: int = 8 << 30) -> float:
     return 2 * half * 4 / (ms * 1e-3) / 1e9
 
 
-def host_time_us(step, device: torch.device, calls: int = 50) -> float:
+def host_time_us(step, device: torch.device, calls: int = 50, before=None) -> float:
     """Median wall time of the ``step()`` call itself with the device idle (synchronized before
-    every call, never after: launched kernels run on after the call returns)."""
+    every call, never after: launched kernels run on after the call returns). ``before`` runs
+    ahead of each call, untimed (e.g. handing the params new grad tensors)."""
     step()
     times = []
     for _ in range(calls):
+        if before is not None:
+            before()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()

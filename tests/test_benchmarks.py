@@ -38,7 +38,10 @@ def test_runner_end_to_end_on_cpu(tmp_path):
         mine = [r for r in timed if r["provider"] == provider]
         assert mine and all(r["median_ms"] > 0 and r["gbps"] > 0 and r["copy_gbps"] > 0 for r in mine), provider
     assert all(r["bytes_per_step"] == 28 * r["n_params"] for r in timed)  # fp32 AdamW
-    assert all(r["host_us"] > 0 for r in rows if r["workload"] == "host")
+    host = [r for r in rows if r["workload"] == "host"]
+    assert all(r["host_us"] > 0 and r["host_us_new_grads"] > 0 for r in host if r["provider"] != "fused_optim graph")
+    graph = [r for r in host if r["provider"] == "fused_optim graph"]
+    assert graph and all(r["host_us"] is None and "CUDA graphs need CUDA" in r["note"] for r in graph)
     # AdamW with a training feature: bytes per param of the fused update (+ the clip's grad read)
     per_param = {"AMP": 28, "clip": 32, "master bf16": 28, "bf16 states": 20, "stochastic bf16": 14, "capturable": 28}
     recipes = [r for r in rows if r["workload"] == "features"]

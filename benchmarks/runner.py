@@ -21,7 +21,7 @@ import platform
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -143,7 +143,7 @@ def _release():
         torch.cuda.empty_cache()
 
 
-def measure(point: Point, name: str, providers, device, dtype: str) -> list[Row]:
+def measure(point: Point, name: str, providers, device, dtype: str, compile_max_tensors: int = 1 << 30) -> list[Row]:
     recipe = features.RECIPES.get(name) if point.workload == "features" else None
     if recipe is not None:
         dtype = next(k for k, v in DTYPES.items() if v == recipe.dtype)
@@ -181,6 +181,10 @@ def measure(point: Point, name: str, providers, device, dtype: str) -> list[Row]
             if recipe is not None:
                 step = features.step_fn(name, provider, params)
                 row.note = recipe.torch_note if provider != "fused_optim" else ""
+            elif provider == "torch.compile" and len(params) > compile_max_tensors:
+                row.note = f"not run: {len(params)} tensors > --compile-max-tensors {compile_max_tensors}"
+                rows.append(row)
+                continue
             else:
                 step, row.compile_s = _step_fn(provider, name, params)
             if point.workload == "host":
@@ -301,6 +305,32 @@ def _plot(rows: list[Row], workload: str, title: str, path: Path) -> None:
     plt.close(fig)
 
 
+def _save(out: Path, meta: dict, rows: list[Row], workloads: list[str]) -> list[Row]:
+    """Write results.json and results.csv under ``out``, keeping the rows of other workloads that an
+    earlier run on the same device left there (the suite is often run a workload per call), and
+    return every row. ``runs`` in the JSON says which command and date measured each workload."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "results.json"
+    kept, runs = [], {}
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        old = {}
+    if old.get("meta", {}).get("device") == meta["device"]:
+        names = {f.name for f in fields(Row)}
+        kept = [Row(**{k: v for k, v in r.items() if k in names}) for r in old.get("rows", [])]
+        kept = [r for r in kept if r.workload not in workloads]
+        runs = {w: m for w, m in old.get("runs", {}).items() if w not in workloads}
+    runs.update(dict.fromkeys(workloads, meta))
+    every = kept + rows
+    path.write_text(json.dumps({"meta": meta, "runs": runs, "rows": [asdict(r) for r in every]}, indent=1))
+    with (out / "results.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[f.name for f in fields(Row)])
+        writer.writeheader()
+        writer.writerows(asdict(r) for r in every)
+    return every
+
+
 def _x(row: Row, workload: str) -> int:
     return row.n_params if workload == "sizes" else row.n_tensors
 
@@ -315,6 +345,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="time torch.compile'd steps (default: on with CUDA, off on CPU)")  # fmt: skip
+    parser.add_argument("--compile-max-tensors", type=int, default=1024,
+                        help="skip torch.compile at points with more tensors (slow to compile)")  # fmt: skip
     parser.add_argument("--parity", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results/<device>)")
@@ -364,27 +396,24 @@ def main(argv=None) -> int:
     rows: list[Row] = []
     from tqdm import tqdm
 
+    workloads = args.workloads.split(",")
     for _, point, algo in tqdm(tasks, desc="measuring", unit="case", file=sys.stderr, disable=None):
-        rows += measure(point, algo, providers, device, args.dtype)
+        rows += measure(point, algo, providers, device, args.dtype, args.compile_max_tensors)
+        every = _save(out, meta, rows, workloads)  # after every case: a run cut short keeps what it measured
 
-    for workload in args.workloads.split(","):
+    for workload in workloads:
         mine = [r for r in rows if r.workload == workload]
         if mine:
             what = "host time of the step() call, device idle" if workload == "host" else HEADERS[workload]
             print(f"\n== {workload}, {args.dtype}: {what}")
             _print_rows(mine)
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=1))
-    with (out / "results.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0])) if rows else ["workload"])
-        writer.writeheader()
-        writer.writerows(asdict(r) for r in rows)
+    every = _save(out, meta, rows, workloads)
     if args.plots:
         title = f"{name}, {args.dtype}, torch {torch.__version__}, triton {triton.__version__}, {meta['date'][:10]}"
         if not cuda:
             title += ": NOT performance figures"
-        _plot(rows, "sizes", title, out / "sizes.png")
-        _plot(rows, "counts", title, out / "counts.png")
+        _plot(every, "sizes", title, out / "sizes.png")
+        _plot(every, "counts", title, out / "counts.png")
     print(f"\nresults: {out}")
     return 0

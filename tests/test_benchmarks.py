@@ -74,3 +74,27 @@ def test_demo_end_to_end(tmp_path):
         assert f"{label} (" in text and f"{label}: batch" in text, label
     for name in ("trajectories.png", "training.png"):
         assert (tmp_path / name).stat().st_size > 10_000, name
+
+
+def test_runs_of_separate_workloads_add_up_and_compile_can_be_capped(tmp_path, capsys):
+    """A workload per call (as on a time-limited GPU) keeps the other workloads' rows; results are
+    written as cases finish; torch.compile is skipped, with a note, above --compile-max-tensors."""
+    from benchmarks.runner import main
+
+    common = ["--algorithms", "SGD", "--no-parity", "--no-plots", "--out", str(tmp_path)]
+    assert main(["--workloads", "host", *common]) == 0
+    assert main(["--workloads", "algorithms", "--compile", "--compile-max-tensors", "2", *common]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["runs"]) == {"host", "algorithms"}
+    assert "--workloads host" in results["runs"]["host"]["command"]
+    rows = results["rows"]
+    assert {r["workload"] for r in rows} == {"host", "algorithms"}
+    compiled = [r for r in rows if r["provider"] == "torch.compile"]
+    assert compiled and all(r["median_ms"] is None and "--compile-max-tensors 2" in r["note"] for r in compiled)
+    fused = [r for r in rows if r["workload"] == "algorithms" and r["provider"] == "fused_optim"]
+    assert len(fused) == 1 and fused[0]["median_ms"] > 0
+    csv_lines = (tmp_path / "results.csv").read_text().strip().splitlines()
+    assert len(csv_lines) == len(rows) + 1
+    assert main(["--workloads", "host", *common]) == 0  # measured again: replaced, not duplicated
+    again = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert sorted((r["workload"], r["provider"]) for r in again) == sorted((r["workload"], r["provider"]) for r in rows)

@@ -331,6 +331,11 @@ class _GroupCache:
 _warned_fallback = False
 
 
+def _uses_triton(device: torch.device) -> bool:
+    """Whether the kernels run on ``device`` (else torch.optim's own implementation does)."""
+    return (device.type == "cuda" and not INTERPRETED) or (device.type == "cpu" and INTERPRETED)
+
+
 def _warn_fallback(device: torch.device) -> None:
     global _warned_fallback
     if not _warned_fallback:
@@ -726,11 +731,30 @@ class FusedOptimizer(Optimizer):
                     f"({g.dtype}, {tuple(g.shape)}, {g.device}) does not match the parameter "
                     f"({q.dtype}, {tuple(q.shape)}, {q.device})"
                 )
+            if not _uses_triton(p.device):
+                self._check_fallback(group, p, f"parameter {i} of param group {index}")
             state = self.state.get(p)
             if state:
                 self._check_state(state, p, group, where=f"parameter {i} of param group {index}")
         if sparse:
             self._check_sparse(group)
+
+    def _check_fallback(self, group, p: torch.Tensor, where: str) -> None:
+        """Options torch.optim's implementation (devices the kernels do not run on) cannot honour."""
+        dtype = _real_dtype(p.dtype)
+        keys = self._key_dtypes(group, dtype)
+        master = "master_param" in keys
+        if self.options["stochastic_rounding"] and dtype == torch.bfloat16:
+            option = "stochastic_rounding"
+        elif not master and any(dt != dtype for dt in keys.values()):
+            option = f"state_dtype={self.options['state_dtype']}"
+        else:
+            return
+        raise NotImplementedError(
+            f"fused_optim.{type(self).__name__}: {option} needs the Triton kernels, which do not run on "
+            f"{p.device} ({where}): use CUDA, or set TRITON_INTERPRET=1 before importing fused_optim to run "
+            "them on CPU through Triton's interpreter"
+        )
 
     def _check_state(self, state: dict, p: torch.Tensor, group, where: str) -> None:
         """Raise a clear error if ``state`` cannot serve as ``p``'s state under ``group``'s options."""
@@ -851,8 +875,7 @@ class FusedOptimizer(Optimizer):
             all_rows = len(rows) == len(seg.members)
             launch = _Launch(seg, rows, all_rows, None if all_rows else torch.from_numpy(rows), None)
             device = seg.device
-            uses_triton = (device.type == "cuda" and not INTERPRETED) or (device.type == "cpu" and INTERPRETED)
-            if uses_triton:
+            if _uses_triton(device):
                 launch.tables = self._tables(seg, rows, grads, launch)
             else:
                 _warn_fallback(device)
@@ -1055,6 +1078,7 @@ class FusedOptimizer(Optimizer):
             raise NotImplementedError(f"fused_optim clips by the 2-norm or the inf-norm, not norm_type={norm_type}")
         inf = norm_type == math.inf
         parts: dict = defaultdict(list)  # norm class -> partial norms (None: needs no reduction across ranks)
+        torch_norms = []  # per-tensor norms as torch computes them, for grads outside the kernels
         for plan, grads, _, _ in work:
             if plan.sparse:
                 raise NotImplementedError("fused_optim does not clip sparse gradients")
@@ -1074,10 +1098,21 @@ class FusedOptimizer(Optimizer):
                         parts[seg.norm_classes[i]].append(per_tensor[j])
                 else:
                     for i in rows:
-                        g = _real(grads[seg.group_index[i]]).double()
-                        parts[seg.norm_classes[i]].append(g.abs().amax() if inf else g.square().sum())
+                        g = _local(grads[seg.group_index[i]])
+                        if inf and not g.numel():
+                            continue  # an empty grad adds nothing (torch's inf-norm refuses it)
+                        norm = torch.linalg.vector_norm(g, norm_type)  # torch.nn.utils.clip_grad_norm_'s
+                        torch_norms.append(norm)
+                        parts[seg.norm_classes[i]].append(norm.double() if inf else norm.double().square())
         if _PARTIAL in parts:
             raise NotImplementedError("fused_optim does not clip grads of params with Partial placements")
+        exact = torch_norms and len(torch_norms) == len(parts[None]) == sum(map(len, parts.values()))
+        if exact and not self._mesh_classes():
+            # Every grad is outside the kernels (torch's implementation on CPU) and no rank takes
+            # part: the total exactly as clip_grad_norm_ forms it (in its dtype), so clipping then
+            # matches torch's clip_grad_norm_ and step bit for bit.
+            total = torch.linalg.vector_norm(torch.stack([n.to(torch_norms[0].device) for n in torch_norms]), norm_type)
+            return total if grad_scale is None else total / grad_scale.to(total.device)
         total = self._combine_norms(parts, inf)
         if total is None:
             return torch.tensor(0.0)
@@ -1091,12 +1126,16 @@ class FusedOptimizer(Optimizer):
         )
         return total.to(dtype)
 
+    def _mesh_classes(self) -> list:
+        """The norm classes of DTensor params (mesh, sharded dims), in the same order on every rank."""
+        ordered = (c for _, cache in sorted(self._caches.items()) for c in cache.norm_classes)
+        return list(dict.fromkeys(c for c in ordered if c is not None and c != _PARTIAL))
+
     def _combine_norms(self, parts: dict, inf: bool) -> torch.Tensor | None:
         """Sum of squares (or max) over every class of partial norms, in float64; the classes of
         DTensor params are reduced over the mesh dims their params are sharded on. Every rank
         runs the same collectives in the same order: the classes come from the param groups."""
-        ordered = (c for _, cache in sorted(self._caches.items()) for c in cache.norm_classes)
-        classes = list(dict.fromkeys(c for c in ordered if c is not None and c != _PARTIAL))
+        classes = self._mesh_classes()
         local = parts.get(None, [])
         if not local and not classes:
             return None

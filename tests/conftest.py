@@ -6,7 +6,9 @@ import os
 
 import torch
 
-if not torch.cuda.is_available():
+# FUSED_OPTIM_TEST_FALLBACK=1 (set by tests/test_cpu_fallback.py for a subprocess) leaves the
+# interpreter off, so CPU params take torch.optim's own implementation, the fallback under test.
+if not torch.cuda.is_available() and os.environ.get("FUSED_OPTIM_TEST_FALLBACK") != "1":
     os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest

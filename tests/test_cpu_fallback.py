@@ -55,9 +55,14 @@ CASES = [
 ] + [(name, everything(name)) for name in ALGORITHMS]
 
 
-def test_cpu_without_interpreter_matches_torch_exactly():
+def _fallback_env() -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
+
+
+def test_cpu_without_interpreter_matches_torch_exactly():
+    env = _fallback_env()
     out = subprocess.run(
         [sys.executable, "-c", SCRIPT, json.dumps(CASES)],
         check=False,
@@ -69,3 +74,70 @@ def test_cpu_without_interpreter_matches_torch_exactly():
     assert out.returncode == 0, out.stderr
     counts = [int(line.split()[1]) for line in out.stdout.splitlines() if line.startswith("WARNINGS")]
     assert counts == [1] + [0] * (3 * len(CASES) - 1), counts  # said once per process
+
+
+# What only the kernels can do: low-precision states, stochastic rounding, and capturable steps
+# that never read on the host (the fallback reads found_inf there; CPU has no graphs to capture).
+KERNEL_ONLY = [
+    "bf16_states_for",
+    "master_weights_and_bf16_states",
+    "stochastic_rounding_is_unbiased",
+    "stochastic_rounding_stays",
+    "reads_nothing_on_the_host",
+]
+
+
+def test_training_features_without_interpreter_match_torch():
+    """tests/test_training_features.py against torch once more, with CPU params on torch.optim's own
+    implementation (AMP, clipping, master weights applied around it); conftest.py leaves the
+    interpreter off when FUSED_OPTIM_TEST_FALLBACK=1."""
+    env = {**_fallback_env(), "FUSED_OPTIM_TEST_FALLBACK": "1"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    selection = " and ".join(f"not {name}" for name in KERNEL_ONLY)
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_training_features.py"]
+    out = subprocess.run(
+        [*command, "-k", selection],
+        cwd=root,
+        check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    assert "run through torch.optim's own implementation" in out.stdout  # the fallback really ran
+    assert " failed" not in out.stdout and " passed" in out.stdout
+
+
+REFUSED = textwrap.dedent(
+    """
+    import torch
+    import fused_optim
+
+    for dtype, options, name in (
+        (torch.float32, {"state_dtype": torch.bfloat16}, "state_dtype=torch.bfloat16"),
+        (torch.bfloat16, {"stochastic_rounding": True}, "stochastic_rounding"),
+    ):
+        # a param the fallback could update, then one it cannot: nothing may change
+        ps = [torch.randn(5, dtype=torch.float64, requires_grad=True), torch.randn(7, dtype=dtype, requires_grad=True)]
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        before = [p.detach().clone() for p in ps]
+        opt = fused_optim.Adam(ps, lr=0.1, **options)
+        try:
+            opt.step()
+        except NotImplementedError as err:
+            assert name in str(err) and "TRITON_INTERPRET=1" in str(err), err
+        else:
+            raise AssertionError(f"{name} accepted without the kernels")
+        assert all(torch.equal(p, b) for p, b in zip(ps, before)) and not opt.state, name
+    print("OK")
+    """
+)
+
+
+def test_kernel_only_options_refuse_before_changing_anything():
+    out = subprocess.run(
+        [sys.executable, "-c", REFUSED], check=False, env=_fallback_env(), capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0 and out.stdout.strip().endswith("OK"), out.stderr[-3000:]

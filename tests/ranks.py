@@ -59,6 +59,10 @@ def run_ranks(fn, world: int, *args) -> None:
 
 
 def _rank_main(rank: int, world: int, fn, args) -> None:
+    if os.environ.get("FUSED_OPTIM_TEST_FALLBACK") == "1":  # test_cpu_fallback.py: torch.optim's code path
+        from fused_optim.kernels import INTERPRETED
+
+        assert not INTERPRETED, "FUSED_OPTIM_TEST_FALLBACK=1 but the kernels run through the interpreter"
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(rank % torch.cuda.device_count())

@@ -87,16 +87,13 @@ KERNEL_ONLY = [
 ]
 
 
-def test_training_features_without_interpreter_match_torch():
-    """tests/test_training_features.py against torch once more, with CPU params on torch.optim's own
-    implementation (AMP, clipping, master weights applied around it); conftest.py leaves the
-    interpreter off when FUSED_OPTIM_TEST_FALLBACK=1."""
+def _pytest_through_the_fallback(*args: str) -> str:
+    """stdout of pytest run on ``args`` in a process where conftest.py leaves the interpreter off
+    (FUSED_OPTIM_TEST_FALLBACK=1), so CPU params take torch.optim's own implementation."""
     env = {**_fallback_env(), "FUSED_OPTIM_TEST_FALLBACK": "1"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    selection = " and ".join(f"not {name}" for name in KERNEL_ONLY)
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_training_features.py"]
     out = subprocess.run(
-        [*command, "-k", selection],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args],
         cwd=root,
         check=False,
         env=env,
@@ -105,8 +102,22 @@ def test_training_features_without_interpreter_match_torch():
         timeout=600,
     )
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
-    assert "run through torch.optim's own implementation" in out.stdout  # the fallback really ran
     assert " failed" not in out.stdout and " passed" in out.stdout
+    return out.stdout
+
+
+def test_training_features_without_interpreter_match_torch():
+    """tests/test_training_features.py against torch once more, through the fallback (AMP, clipping,
+    master weights applied around torch.optim's implementation)."""
+    selection = " and ".join(f"not {name}" for name in KERNEL_ONLY)
+    text = _pytest_through_the_fallback("tests/test_training_features.py", "-k", selection)
+    assert "run through torch.optim's own implementation" in text  # the fallback really ran
+
+
+def test_distributed_without_interpreter_matches_torch():
+    """FSDP2 (DTensor params), its global-norm clip, DDP and DCP through the fallback: every rank
+    asserts the interpreter is off (tests/ranks.py)."""
+    _pytest_through_the_fallback("tests/test_distributed.py")
 
 
 REFUSED = textwrap.dedent(

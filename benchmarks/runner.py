@@ -305,30 +305,30 @@ def _plot(rows: list[Row], workload: str, title: str, path: Path) -> None:
     plt.close(fig)
 
 
-def _save(out: Path, meta: dict, rows: list[Row], workloads: list[str]) -> list[Row]:
-    """Write results.json and results.csv under ``out``, keeping the rows of other workloads that an
-    earlier run on the same device left there (the suite is often run a workload per call), and
-    return every row. ``runs`` in the JSON says which command and date measured each workload."""
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "results.json"
-    kept, runs = [], {}
+def _earlier(out: Path, device: str, workloads: list[str]) -> tuple[list[Row], dict]:
+    """The rows and ``runs`` entries an earlier run on the same device left in ``out`` for other
+    workloads than these (the suite is often run a workload per call): kept beside the new ones."""
     try:
-        old = json.loads(path.read_text())
+        old = json.loads((out / "results.json").read_text())
     except (OSError, ValueError):
-        old = {}
-    if old.get("meta", {}).get("device") == meta["device"]:
-        names = {f.name for f in fields(Row)}
-        kept = [Row(**{k: v for k, v in r.items() if k in names}) for r in old.get("rows", [])]
-        kept = [r for r in kept if r.workload not in workloads]
-        runs = {w: m for w, m in old.get("runs", {}).items() if w not in workloads}
-    runs.update(dict.fromkeys(workloads, meta))
-    every = kept + rows
-    path.write_text(json.dumps({"meta": meta, "runs": runs, "rows": [asdict(r) for r in every]}, indent=1))
+        return [], {}
+    if old.get("meta", {}).get("device") != device:
+        return [], {}
+    names = {f.name for f in fields(Row)}
+    kept = [Row(**{k: v for k, v in r.items() if k in names}) for r in old.get("rows", [])]
+    runs = {w: m for w, m in old.get("runs", {}).items() if w not in workloads}
+    return [r for r in kept if r.workload not in workloads], runs
+
+
+def _save(out: Path, meta: dict, runs: dict, rows: list[Row]) -> None:
+    """Write results.json (``runs``: the command and date that measured each workload) and results.csv."""
+    out.mkdir(parents=True, exist_ok=True)
+    results = {"meta": meta, "runs": runs, "rows": [asdict(r) for r in rows]}
+    (out / "results.json").write_text(json.dumps(results, indent=1))
     with (out / "results.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=[f.name for f in fields(Row)])
         writer.writeheader()
-        writer.writerows(asdict(r) for r in every)
-    return every
+        writer.writerows(asdict(r) for r in rows)
 
 
 def _x(row: Row, workload: str) -> int:
@@ -397,9 +397,11 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     workloads = args.workloads.split(",")
+    kept, runs = _earlier(out, name, workloads)
+    runs.update(dict.fromkeys(workloads, meta))
     for _, point, algo in tqdm(tasks, desc="measuring", unit="case", file=sys.stderr, disable=None):
         rows += measure(point, algo, providers, device, args.dtype, args.compile_max_tensors)
-        every = _save(out, meta, rows, workloads)  # after every case: a run cut short keeps what it measured
+        _save(out, meta, runs, kept + rows)  # after every case: a run cut short keeps what it measured
 
     for workload in workloads:
         mine = [r for r in rows if r.workload == workload]
@@ -408,7 +410,8 @@ def main(argv=None) -> int:
             print(f"\n== {workload}, {args.dtype}: {what}")
             _print_rows(mine)
 
-    every = _save(out, meta, rows, workloads)
+    every = kept + rows
+    _save(out, meta, runs, every)  # also when no case was selected
     if args.plots:
         title = f"{name}, {args.dtype}, torch {torch.__version__}, triton {triton.__version__}, {meta['date'][:10]}"
         if not cuda:

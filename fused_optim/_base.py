@@ -32,7 +32,6 @@ from .kernels._features import Features, advance_steps
 from .kernels._tables import (
     ALIGN,
     FLAG_FRESH,
-    VEC_BYTES,
     Tables,
     block_size,
     build_tables,
@@ -693,11 +692,13 @@ class FusedOptimizer(Optimizer):
                 return False
             if launch.tables is None or j < 0:
                 continue  # torch's implementation, or a staging copy, reads the grad where it is now
-            if launch.seg.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-                return False
             entry = moved.setdefault(id(launch), (launch, [], []))
             entry[1].append(j)
             entry[2].append(b)
+        if any(launch.seg.device.type == "cuda" for launch, _, _ in moved.values()) and (
+            torch.cuda.is_current_stream_capturing()
+        ):
+            return False  # no host-to-device copy inside a graph capture: the full path decides
         for launch, rows, addrs in moved.values():
             repoint_grads(launch.tables, np.asarray(rows, dtype=np.int64), np.asarray(addrs, dtype=np.int64))
         plan.gkey = gkey
@@ -914,7 +915,6 @@ class FusedOptimizer(Optimizer):
                 buf = torch.empty_strided(shape, strides, dtype=seg.dtype, device=seg.device)
                 launch.stage_grads.append((int(seg.group_index[i]), buf))
                 g_addr[j] = buf.data_ptr()
-        vec_ok = (p_addr % VEC_BYTES == 0) & (g_addr % VEC_BYTES == 0)
         flags = np.asarray([FLAG_FRESH if i in seg.fresh else 0 for i in rows.tolist()], dtype=np.int64)
         launch.fresh = bool(flags.any())
         return build_tables(
@@ -922,7 +922,6 @@ class FusedOptimizer(Optimizer):
             g_addr,
             seg.offsets[rows],
             seg.numels[rows],
-            vec_ok,
             flags,
             rows,
             block_size(self._num_warps, seg.flat_itemsize),
@@ -975,13 +974,7 @@ class FusedOptimizer(Optimizer):
     def _run_reference(self, group, launch: _Launch, grads, inputs: _StepInputs) -> None:
         """torch.optim's own implementation, for devices the kernels cannot run on (CPU without the
         interpreter), with AMP, clipping and master weights applied around it."""
-        seg = launch.seg
-        if seg.stochastic or any(
-            dt != seg.dtype for k, dt in seg.key_dtypes.items() if k != "master_param" and not seg.master
-        ):
-            raise NotImplementedError(
-                "stochastic_rounding and state_dtype need the Triton kernels (CUDA, or TRITON_INTERPRET=1 on CPU)"
-            )
+        seg = launch.seg  # options only the kernels honour were refused by _check_fallback
         if inputs.found_inf is not None and bool(inputs.found_inf):  # this path runs on CPU: no sync to avoid
             return
         rows = launch.rows.tolist()
@@ -1106,8 +1099,7 @@ class FusedOptimizer(Optimizer):
                         parts[seg.norm_classes[i]].append(norm.double() if inf else norm.double().square())
         if _PARTIAL in parts:
             raise NotImplementedError("fused_optim does not clip grads of params with Partial placements")
-        exact = torch_norms and len(torch_norms) == len(parts[None]) == sum(map(len, parts.values()))
-        if exact and not self._mesh_classes():
+        if torch_norms and len(torch_norms) == sum(map(len, parts.values())) and not self._mesh_classes():
             # Every grad is outside the kernels (torch's implementation on CPU) and no rank takes
             # part: the total exactly as clip_grad_norm_ forms it (in its dtype), so clipping then
             # matches torch's clip_grad_norm_ and step bit for bit.

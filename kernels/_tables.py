@@ -258,12 +258,17 @@ def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     return host.pin_memory().to(device, non_blocking=True)
 
 
+def _vector_end(param_addrs: np.ndarray, grad_addrs: np.ndarray, numels: np.ndarray, block: int) -> np.ndarray:
+    """The table's vector end: whole blocks when param and grad are 16-byte aligned, else 0."""
+    aligned = (param_addrs % VEC_BYTES == 0) & (grad_addrs % VEC_BYTES == 0)
+    return np.where(aligned, numels // block * block, 0)
+
+
 def build_tables(
     param_addrs: np.ndarray,
     grad_addrs: np.ndarray,
     state_offsets: np.ndarray,
     numels: np.ndarray,
-    vec_ok: np.ndarray,
     flags: np.ndarray,
     members: np.ndarray,
     block: int,
@@ -277,7 +282,7 @@ def build_tables(
     rows[:, COL_GRAD] = grad_addrs
     rows[:, COL_STATE] = state_offsets
     rows[:, COL_NUMEL] = numels
-    rows[:, COL_VEC_END] = np.where(vec_ok, numels // block * block, 0)
+    rows[:, COL_VEC_END] = _vector_end(rows[:, COL_PARAM], rows[:, COL_GRAD], numels, block)
     rows[:, COL_FLAGS] = flags
     rows[:, COL_MEMBER] = members
     rows[:, 7] = 0
@@ -296,9 +301,7 @@ def repoint_grads(tables: Tables, which: np.ndarray, grad_addrs: np.ndarray) -> 
     stream-ordered copy, so kernels already queued read the old addresses and later ones the new."""
     rows = tables.rows
     rows[which, COL_GRAD] = grad_addrs
-    numels = rows[which, COL_NUMEL]
-    vec_ok = (rows[which, COL_PARAM] % VEC_BYTES == 0) & (grad_addrs % VEC_BYTES == 0)
-    rows[which, COL_VEC_END] = np.where(vec_ok, numels // tables.block * tables.block, 0)
+    rows[which, COL_VEC_END] = _vector_end(rows[which, COL_PARAM], grad_addrs, rows[which, COL_NUMEL], tables.block)
     if tables.tensor_table.device.type != "cpu":
         tables.tensor_table.copy_(torch.from_numpy(rows).pin_memory(), non_blocking=True)
 

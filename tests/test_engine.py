@@ -166,7 +166,6 @@ def test_tables_use_int64_offsets():
         np.array([3 << 40, 4 << 40]),
         np.array([0, big + 11]),
         numels,
-        np.array([True, True]),
         np.zeros(2, dtype=np.int64),
         np.array([5, 9]),
         1024,

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from ._base import FusedOptimizer, _as_float, call_torch
-from .kernels import adadelta_step
+from ._base import FusedOptimizer
+from ._segments import as_float
+from .kernels import ADADELTA
 
 __all__ = ["Adadelta"]
 
@@ -29,10 +30,12 @@ class Adadelta(FusedOptimizer):
         weight_decay (float): :math:`\lambda` (default: 0).
         foreach: accepted for compatibility; the update is always fused.
         maximize (bool): maximize the objective (default: False).
-        capturable, differentiable: ``True`` raises ``NotImplementedError``.
+        capturable (bool): step counts and step scalars on the device (default: False).
+        differentiable: ``True`` raises ``NotImplementedError``.
     """
 
     _torch_cls = torch.optim.Adadelta
+    _algorithm = ADADELTA
     _sparse_error = "Adadelta does not support sparse gradients"
 
     def __init__(
@@ -52,67 +55,8 @@ class Adadelta(FusedOptimizer):
         state_dtype: torch.dtype | None = None,
         max_grad_norm: float | None = None,
     ) -> None:
-        defaults = {
-            "lr": lr,
-            "rho": rho,
-            "eps": eps,
-            "weight_decay": weight_decay,
-            "maximize": maximize,
-            "capturable": capturable,
-            "foreach": foreach,
-            "differentiable": differentiable,
-        }
-        super().__init__(
-            params,
-            defaults,
-            master_weights=master_weights,
-            stochastic_rounding=stochastic_rounding,
-            state_dtype=state_dtype,
-            max_grad_norm=max_grad_norm,
-        )
+        super().__init__(params, locals())
 
-    def __setstate__(self, state) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("foreach", None)
-            group.setdefault("maximize", False)
-            group.setdefault("differentiable", False)
-            group.setdefault("capturable", False)
-
-    def _tensor_state_keys(self, group) -> tuple[str, ...]:
-        return ("square_avg", "acc_delta")
-
-    def _launch(self, group, launch, step_scalars) -> None:
-        seg = launch.seg
-        adadelta_step(
-            launch.tables,
-            seg.flat["square_avg"],
-            seg.flat["acc_delta"],
-            param_dtype=seg.dtype,
-            lr=self._lr(group, launch),
-            rho=_as_float(group["rho"]),
-            eps=_as_float(group["eps"]),
-            weight_decay=_as_float(group["weight_decay"]),
-            maximize=bool(group["maximize"]),
-            features=launch.features,
-            num_warps=self._num_warps,
-        )
-
-    def _reference(self, group, params, grads, states, fresh) -> None:
-        from torch.optim.adadelta import adadelta
-
-        call_torch(
-            adadelta,
-            params,
-            grads,
-            [s["square_avg"] for s in states],
-            [s["acc_delta"] for s in states],
-            [s["step"] for s in states],
-            foreach=False,
-            has_complex=any(torch.is_complex(p) for p in params),
-            lr=group["lr"],
-            rho=group["rho"],
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
-            maximize=group["maximize"],
-        )
+    def _hyper(self, group) -> tuple[float, ...]:
+        rho = as_float(group["rho"])
+        return (rho, 1.0 - rho, as_float(group["eps"]))

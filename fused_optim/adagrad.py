@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from ._base import FusedOptimizer, _as_float, call_torch
-from .kernels import adagrad_step
+from ._base import FusedOptimizer
+from ._segments import as_float
+from .kernels import ADAGRAD
 
 __all__ = ["Adagrad"]
 
@@ -35,7 +36,7 @@ class Adagrad(FusedOptimizer):
     """
 
     _torch_cls = torch.optim.Adagrad
-    _n_step_scalars = 1
+    _algorithm = ADAGRAD
     _sparse_ok = True
     _eager_state = True
 
@@ -57,42 +58,13 @@ class Adagrad(FusedOptimizer):
         state_dtype: torch.dtype | None = None,
         max_grad_norm: float | None = None,
     ) -> None:
-        defaults = {
-            "lr": lr,
-            "lr_decay": lr_decay,
-            "eps": eps,
-            "weight_decay": weight_decay,
-            "initial_accumulator_value": initial_accumulator_value,
-            "foreach": foreach,
-            "maximize": maximize,
-            "differentiable": differentiable,
-            "fused": fused,
-        }
-        super().__init__(
-            params,
-            defaults,
-            master_weights=master_weights,
-            stochastic_rounding=stochastic_rounding,
-            state_dtype=state_dtype,
-            max_grad_norm=max_grad_norm,
-        )
-
-    def __setstate__(self, state) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("foreach", None)
-            group.setdefault("maximize", False)
-            group.setdefault("differentiable", False)
-            group.setdefault("fused", None)
+        super().__init__(params, locals())
 
     def share_memory(self) -> None:
         """Calls ``share_memory_()`` on the state sums (their flat buffers), as torch.optim does."""
         for group in self.param_groups:
             for p in group["params"]:
                 self.state[p]["sum"].share_memory_()
-
-    def _tensor_state_keys(self, group) -> tuple[str, ...]:
-        return ("sum",)
 
     def _init_region(self, group, key, region, param) -> None:
         # torch fills every sum with the constructor's value, whatever a group says (both parts of
@@ -105,41 +77,8 @@ class Adagrad(FusedOptimizer):
 
     def _step_scalars(self, group, scalars) -> tuple[float]:
         step = scalars["step"]
-        clr = _as_float(group["lr"]) / (1 + (step - 1) * group["lr_decay"])
+        clr = as_float(group["lr"]) / (1 + (step - 1) * group["lr_decay"])
         return (-clr,)
 
-    def _launch(self, group, launch, step_scalars) -> None:
-        seg = launch.seg
-        adagrad_step(
-            launch.tables,
-            seg.flat["sum"],
-            param_dtype=seg.dtype,
-            lr=self._lr(group, launch),
-            lr_decay=_as_float(group["lr_decay"]),
-            weight_decay=_as_float(group["weight_decay"]),
-            eps=_as_float(group["eps"]),
-            maximize=bool(group["maximize"]),
-            step_scalars=step_scalars,
-            features=launch.features,
-            num_warps=self._num_warps,
-        )
-
-    def _reference(self, group, params, grads, states, fresh) -> None:
-        from torch.optim.adagrad import adagrad
-
-        call_torch(
-            adagrad,
-            params,
-            grads,
-            [s["sum"] for s in states],
-            [s["step"] for s in states],
-            foreach=False,
-            fused=False,
-            has_sparse_grad=any(g.is_sparse for g in grads),
-            has_complex=any(torch.is_complex(p) for p in params),
-            lr=group["lr"],
-            weight_decay=group["weight_decay"],
-            lr_decay=group["lr_decay"],
-            eps=group["eps"],
-            maximize=group["maximize"],
-        )
+    def _hyper(self, group) -> tuple[float, ...]:
+        return (as_float(group["eps"]), as_float(group["lr_decay"]))

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 
-from ._base import FusedOptimizer, _as_float
-from .kernels import adam_step
+from ._base import FusedOptimizer
+from ._segments import as_float
+from .kernels import ADAM
 
 __all__ = ["Adam", "AdamW"]
-
-
-def _to_scalar(x):
-    # torch.optim keeps 1-element hyperparameter tensors as 0-dim tensors.
-    return x.squeeze() if isinstance(x, torch.Tensor) and x.dim() != 0 else x
 
 
 class Adam(FusedOptimizer):
@@ -38,12 +36,13 @@ class Adam(FusedOptimizer):
         amsgrad (bool): use the AMSGrad variant (default: False).
         foreach, fused: accepted for compatibility; the update is always fused.
         maximize (bool): maximize the objective (default: False).
-        capturable, differentiable: ``True`` raises ``NotImplementedError``.
+        capturable (bool): step counts and bias corrections on the device (default: False).
+        differentiable: ``True`` raises ``NotImplementedError``.
         decoupled_weight_decay (bool): decay the parameter directly, as AdamW (default: False).
     """
 
     _torch_cls = torch.optim.Adam
-    _n_step_scalars = 2
+    _algorithm = ADAM
     _sparse_error = "Adam does not support sparse gradients, please consider SparseAdam instead"
 
     def __init__(
@@ -66,97 +65,36 @@ class Adam(FusedOptimizer):
         state_dtype: torch.dtype | None = None,
         max_grad_norm: float | None = None,
     ) -> None:
-        defaults = {
-            "lr": lr,
-            "betas": tuple(map(_to_scalar, betas)),
-            "eps": eps,
-            "weight_decay": weight_decay,
-            "amsgrad": amsgrad,
-            "maximize": maximize,
-            "foreach": foreach,
-            "capturable": capturable,
-            "differentiable": differentiable,
-            "fused": fused,
-            "decoupled_weight_decay": decoupled_weight_decay,
-        }
-        super().__init__(
-            params,
-            defaults,
-            master_weights=master_weights,
-            stochastic_rounding=stochastic_rounding,
-            state_dtype=state_dtype,
-            max_grad_norm=max_grad_norm,
-        )
+        super().__init__(params, locals())
 
-    def __setstate__(self, state) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("amsgrad", False)
-            group.setdefault("maximize", False)
-            group.setdefault("foreach", None)
-            group.setdefault("capturable", False)
-            group.setdefault("differentiable", False)
-            group.setdefault("decoupled_weight_decay", False)
-            group.setdefault("fused", None)
+    def _normalize(self, defaults: dict) -> dict:
+        # torch.optim keeps 1-element beta tensors as 0-dim tensors
+        betas = tuple(b.squeeze() if isinstance(b, torch.Tensor) and b.dim() != 0 else b for b in defaults["betas"])
+        return {**defaults, "betas": betas}
 
     def _tensor_state_keys(self, group) -> tuple[str, ...]:
         return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else ("exp_avg", "exp_avg_sq")
 
+    def _hyper(self, group) -> tuple[float, ...]:
+        beta1, beta2 = (as_float(b) for b in group["betas"])
+        return (1.0 - beta1, beta2, 1.0 - beta2, as_float(group["eps"]), beta1)
+
+    def _options(self, group) -> tuple[bool, ...]:
+        return (bool(group["amsgrad"]),)
+
     def _step_scalars(self, group, scalars: dict[str, float]) -> tuple[float, float]:
         step = scalars["step"]
-        lr = _as_float(group["lr"])
-        beta1, beta2 = (_as_float(b) for b in group["betas"])
+        lr = as_float(group["lr"])
+        beta1, beta2 = (as_float(b) for b in group["betas"])
         bias_correction1 = 1 - beta1**step
         bias_correction2 = 1 - beta2**step
         return (-(lr / bias_correction1), bias_correction2**0.5)  # -step_size, sqrt(bias_correction2)
 
-    def _launch(self, group, launch, step_scalars) -> None:
-        seg = launch.seg
-        beta1, beta2 = group["betas"]
-        adam_step(
-            launch.tables,
-            seg.flat["exp_avg"],
-            seg.flat["exp_avg_sq"],
-            seg.flat.get("max_exp_avg_sq"),
-            param_dtype=seg.dtype,
-            lr=self._lr(group, launch),
-            beta1=_as_float(beta1),
-            beta2=_as_float(beta2),
-            eps=_as_float(group["eps"]),
-            weight_decay=_as_float(group["weight_decay"]),
-            decoupled=bool(group["decoupled_weight_decay"]),
-            amsgrad=bool(group["amsgrad"]),
-            maximize=bool(group["maximize"]),
-            step_scalars=step_scalars,
-            features=launch.features,
-            num_warps=self._num_warps,
-        )
-
-    def _reference(self, group, params, grads, states, fresh) -> None:
+    def _torch_functional(self, group):
         from torch.optim.adam import adam
         from torch.optim.adamw import adamw
 
-        beta1, beta2 = group["betas"]
-        (adamw if group["decoupled_weight_decay"] else adam)(
-            params,
-            grads,
-            [s["exp_avg"] for s in states],
-            [s["exp_avg_sq"] for s in states],
-            [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [],
-            [s["step"] for s in states],
-            foreach=False,
-            capturable=False,
-            differentiable=False,
-            fused=False,
-            has_complex=any(torch.is_complex(p) for p in params),
-            amsgrad=group["amsgrad"],
-            beta1=beta1,
-            beta2=beta2,
-            lr=group["lr"],
-            weight_decay=group["weight_decay"],
-            eps=group["eps"],
-            maximize=group["maximize"],
-        )
+        return adamw if group["decoupled_weight_decay"] else adam
 
 
 class AdamW(Adam):
@@ -167,6 +105,7 @@ class AdamW(Adam):
     """
 
     _torch_cls = torch.optim.AdamW
+    _fixed: ClassVar[dict] = {"decoupled_weight_decay": True}
 
     def __init__(
         self,
@@ -187,26 +126,4 @@ class AdamW(Adam):
         state_dtype: torch.dtype | None = None,
         max_grad_norm: float | None = None,
     ) -> None:
-        super().__init__(
-            params,
-            lr,
-            betas,
-            eps,
-            weight_decay,
-            amsgrad,
-            foreach=foreach,
-            maximize=maximize,
-            capturable=capturable,
-            differentiable=differentiable,
-            fused=fused,
-            decoupled_weight_decay=True,
-            master_weights=master_weights,
-            stochastic_rounding=stochastic_rounding,
-            state_dtype=state_dtype,
-            max_grad_norm=max_grad_norm,
-        )
-
-    def __setstate__(self, state) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group["decoupled_weight_decay"] = True
+        FusedOptimizer.__init__(self, params, locals())

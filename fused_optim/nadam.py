@@ -7,8 +7,9 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from ._base import FusedOptimizer, _as_float, call_torch
-from .kernels import nadam_step
+from ._base import FusedOptimizer
+from ._segments import as_float
+from .kernels import NADAM
 
 __all__ = ["NAdam"]
 
@@ -41,12 +42,13 @@ class NAdam(FusedOptimizer):
         decoupled_weight_decay (bool): decay the parameter directly, as AdamW (default: False).
         foreach: accepted for compatibility; the update is always fused.
         maximize (bool): maximize the objective (default: False).
-        capturable, differentiable: ``True`` raises ``NotImplementedError``.
+        capturable (bool): step counts and step scalars on the device (default: False).
+        differentiable: ``True`` raises ``NotImplementedError``.
     """
 
     _torch_cls = torch.optim.NAdam
+    _algorithm = NADAM
     _scalar_state: ClassVar[dict[str, float]] = {"step": 0.0, "mu_product": 1.0}
-    _n_step_scalars = 3
     _sparse_error = "NAdam does not support sparse gradients"
 
     def __init__(
@@ -68,51 +70,17 @@ class NAdam(FusedOptimizer):
         state_dtype: torch.dtype | None = None,
         max_grad_norm: float | None = None,
     ) -> None:
-        defaults = {
-            "lr": lr,
-            "betas": betas,
-            "eps": eps,
-            "weight_decay": weight_decay,
-            "momentum_decay": momentum_decay,
-            "decoupled_weight_decay": decoupled_weight_decay,
-            "maximize": maximize,
-            "foreach": foreach,
-            "capturable": capturable,
-            "differentiable": differentiable,
-        }
-        super().__init__(
-            params,
-            defaults,
-            master_weights=master_weights,
-            stochastic_rounding=stochastic_rounding,
-            state_dtype=state_dtype,
-            max_grad_norm=max_grad_norm,
-        )
-
-    def __setstate__(self, state) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("maximize", False)
-            group.setdefault("foreach", None)
-            group.setdefault("capturable", False)
-            group.setdefault("differentiable", False)
-            group.setdefault("decoupled_weight_decay", False)
-
-    def _tensor_state_keys(self, group) -> tuple[str, ...]:
-        return ("exp_avg", "exp_avg_sq")
+        super().__init__(params, locals())
 
     def _advance_scalars(self, group, scalars: dict[str, np.ndarray]) -> None:
         scalars["step"] += 1
-        mu = _mu(_as_float(group["betas"][0]), scalars["step"].astype(np.float64), group["momentum_decay"])
+        mu = _mu(as_float(group["betas"][0]), scalars["step"].astype(np.float64), group["momentum_decay"])
         scalars["mu_product"] *= mu.astype(scalars["mu_product"].dtype)  # mu_product *= mu, in its dtype
-
-    def _device_advance_args(self, group) -> dict:
-        return {"beta1": _as_float(group["betas"][0]), "momentum_decay": _as_float(group["momentum_decay"])}
 
     def _step_scalars(self, group, scalars) -> tuple[float, float, float]:
         step, mu_product = scalars["step"], scalars["mu_product"]
-        lr = _as_float(group["lr"])
-        beta1, beta2 = (_as_float(b) for b in group["betas"])
+        lr = as_float(group["lr"])
+        beta1, beta2 = (as_float(b) for b in group["betas"])
         mu = _mu(beta1, step, group["momentum_decay"])
         mu_next = _mu(beta1, step + 1, group["momentum_decay"])
         bias_correction2 = 1 - beta2**step
@@ -120,48 +88,6 @@ class NAdam(FusedOptimizer):
         avg_coef = (-lr * mu_next) / (1.0 - mu_product * mu_next)
         return (bias_correction2, grad_coef, avg_coef)
 
-    def _launch(self, group, launch, step_scalars) -> None:
-        seg = launch.seg
-        beta1, beta2 = group["betas"]
-        nadam_step(
-            launch.tables,
-            seg.flat["exp_avg"],
-            seg.flat["exp_avg_sq"],
-            param_dtype=seg.dtype,
-            lr=self._lr(group, launch),
-            beta1=_as_float(beta1),
-            beta2=_as_float(beta2),
-            eps=_as_float(group["eps"]),
-            weight_decay=_as_float(group["weight_decay"]),
-            decoupled=bool(group["decoupled_weight_decay"]),
-            maximize=bool(group["maximize"]),
-            momentum_decay=_as_float(group["momentum_decay"]),
-            step_scalars=step_scalars,
-            features=launch.features,
-            mu_product=seg.scalars["mu_product"] if launch.features.steps is not None else None,
-            num_warps=self._num_warps,
-        )
-
-    def _reference(self, group, params, grads, states, fresh) -> None:
-        from torch.optim.nadam import nadam
-
-        beta1, beta2 = group["betas"]
-        call_torch(
-            nadam,
-            params,
-            grads,
-            [s["exp_avg"] for s in states],
-            [s["exp_avg_sq"] for s in states],
-            [s["mu_product"] for s in states],
-            [s["step"] for s in states],
-            decoupled_weight_decay=group["decoupled_weight_decay"],
-            foreach=False,
-            has_complex=any(torch.is_complex(p) for p in params),
-            maximize=group["maximize"],
-            beta1=beta1,
-            beta2=beta2,
-            lr=group["lr"],
-            weight_decay=group["weight_decay"],
-            momentum_decay=group["momentum_decay"],
-            eps=group["eps"],
-        )
+    def _hyper(self, group) -> tuple[float, ...]:
+        beta1, beta2 = (as_float(b) for b in group["betas"])
+        return (1.0 - beta1, beta2, 1.0 - beta2, as_float(group["eps"]), beta1, as_float(group["momentum_decay"]))

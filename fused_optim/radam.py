@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from ._base import FusedOptimizer, _as_float, call_torch
-from .kernels import radam_step
+from ._base import FusedOptimizer
+from ._segments import as_float
+from .kernels import RADAM
 
 __all__ = ["RAdam"]
 
@@ -33,11 +34,12 @@ class RAdam(FusedOptimizer):
         decoupled_weight_decay (bool): decay the parameter directly, as AdamW (default: False).
         foreach: accepted for compatibility; the update is always fused.
         maximize (bool): maximize the objective (default: False).
-        capturable, differentiable: ``True`` raises ``NotImplementedError``.
+        capturable (bool): step counts and step scalars on the device (default: False).
+        differentiable: ``True`` raises ``NotImplementedError``.
     """
 
     _torch_cls = torch.optim.RAdam
-    _n_step_scalars = 4
+    _algorithm = RADAM
     _sparse_error = "RAdam does not support sparse gradients"
 
     def __init__(
@@ -58,41 +60,11 @@ class RAdam(FusedOptimizer):
         state_dtype: torch.dtype | None = None,
         max_grad_norm: float | None = None,
     ) -> None:
-        defaults = {
-            "lr": lr,
-            "betas": betas,
-            "eps": eps,
-            "weight_decay": weight_decay,
-            "maximize": maximize,
-            "foreach": foreach,
-            "capturable": capturable,
-            "decoupled_weight_decay": decoupled_weight_decay,
-            "differentiable": differentiable,
-        }
-        super().__init__(
-            params,
-            defaults,
-            master_weights=master_weights,
-            stochastic_rounding=stochastic_rounding,
-            state_dtype=state_dtype,
-            max_grad_norm=max_grad_norm,
-        )
-
-    def __setstate__(self, state) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("foreach", None)
-            group.setdefault("maximize", False)
-            group.setdefault("differentiable", False)
-            group.setdefault("decoupled_weight_decay", False)
-            group.setdefault("capturable", False)
-
-    def _tensor_state_keys(self, group) -> tuple[str, ...]:
-        return ("exp_avg", "exp_avg_sq")
+        super().__init__(params, locals())
 
     def _step_scalars(self, group, scalars) -> tuple[float, float, float, float]:
         step = scalars["step"]
-        beta1, beta2 = (_as_float(b) for b in group["betas"])
+        beta1, beta2 = (as_float(b) for b in group["betas"])
         bias_correction1 = 1 - beta1**step
         bias_correction2 = 1 - beta2**step
         rho_inf = 2 / (1 - beta2) - 1  # maximum length of the approximated SMA
@@ -102,44 +74,6 @@ class RAdam(FusedOptimizer):
             return (bias_correction1, bias_correction2**0.5, rect, 1.0)
         return (bias_correction1, 1.0, 1.0, 0.0)  # plain momentum step
 
-    def _launch(self, group, launch, step_scalars) -> None:
-        seg = launch.seg
-        beta1, beta2 = group["betas"]
-        radam_step(
-            launch.tables,
-            seg.flat["exp_avg"],
-            seg.flat["exp_avg_sq"],
-            param_dtype=seg.dtype,
-            lr=self._lr(group, launch),
-            beta1=_as_float(beta1),
-            beta2=_as_float(beta2),
-            eps=_as_float(group["eps"]),
-            weight_decay=_as_float(group["weight_decay"]),
-            decoupled=bool(group["decoupled_weight_decay"]),
-            maximize=bool(group["maximize"]),
-            step_scalars=step_scalars,
-            features=launch.features,
-            num_warps=self._num_warps,
-        )
-
-    def _reference(self, group, params, grads, states, fresh) -> None:
-        from torch.optim.radam import radam
-
-        beta1, beta2 = group["betas"]
-        call_torch(
-            radam,
-            params,
-            grads,
-            [s["exp_avg"] for s in states],
-            [s["exp_avg_sq"] for s in states],
-            [s["step"] for s in states],
-            decoupled_weight_decay=group["decoupled_weight_decay"],
-            foreach=False,
-            has_complex=any(torch.is_complex(p) for p in params),
-            maximize=group["maximize"],
-            beta1=beta1,
-            beta2=beta2,
-            lr=group["lr"],
-            weight_decay=group["weight_decay"],
-            eps=group["eps"],
-        )
+    def _hyper(self, group) -> tuple[float, ...]:
+        beta1, beta2 = (as_float(b) for b in group["betas"])
+        return (1.0 - beta1, beta2, 1.0 - beta2, as_float(group["eps"]), beta1)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from ._base import FusedOptimizer, _as_float, call_torch
-from .kernels import rmsprop_step
+from ._base import FusedOptimizer
+from ._segments import as_float
+from .kernels import RMSPROP
 
 __all__ = ["RMSprop"]
 
@@ -31,12 +32,14 @@ class RMSprop(FusedOptimizer):
         weight_decay (float): :math:`\lambda` (default: 0).
         momentum (float): :math:`\mu` (default: 0).
         centered (bool): normalize by the estimated variance of the gradient (default: False).
-        capturable, differentiable: ``True`` raises ``NotImplementedError``.
+        capturable (bool): step counts and step scalars on the device (default: False).
+        differentiable: ``True`` raises ``NotImplementedError``.
         foreach: accepted for compatibility; the update is always fused.
         maximize (bool): maximize the objective (default: False).
     """
 
     _torch_cls = torch.optim.RMSprop
+    _algorithm = RMSPROP
     _sparse_error = "RMSprop does not support sparse gradients"
 
     def __init__(
@@ -58,36 +61,7 @@ class RMSprop(FusedOptimizer):
         state_dtype: torch.dtype | None = None,
         max_grad_norm: float | None = None,
     ) -> None:
-        defaults = {
-            "lr": lr,
-            "momentum": momentum,
-            "alpha": alpha,
-            "eps": eps,
-            "centered": centered,
-            "weight_decay": weight_decay,
-            "capturable": capturable,
-            "foreach": foreach,
-            "maximize": maximize,
-            "differentiable": differentiable,
-        }
-        super().__init__(
-            params,
-            defaults,
-            master_weights=master_weights,
-            stochastic_rounding=stochastic_rounding,
-            state_dtype=state_dtype,
-            max_grad_norm=max_grad_norm,
-        )
-
-    def __setstate__(self, state) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("momentum", 0)
-            group.setdefault("centered", False)
-            group.setdefault("foreach", None)
-            group.setdefault("maximize", False)
-            group.setdefault("differentiable", False)
-            group.setdefault("capturable", False)
+        super().__init__(params, locals())
 
     def _tensor_state_keys(self, group) -> tuple[str, ...]:
         keys = ("square_avg",)
@@ -97,43 +71,9 @@ class RMSprop(FusedOptimizer):
             keys += ("grad_avg",)
         return keys
 
-    def _launch(self, group, launch, step_scalars) -> None:
-        seg = launch.seg
-        rmsprop_step(
-            launch.tables,
-            seg.flat["square_avg"],
-            seg.flat.get("momentum_buffer"),
-            seg.flat.get("grad_avg"),
-            param_dtype=seg.dtype,
-            lr=self._lr(group, launch),
-            alpha=_as_float(group["alpha"]),
-            eps=_as_float(group["eps"]),
-            weight_decay=_as_float(group["weight_decay"]),
-            momentum=_as_float(group["momentum"]),
-            centered=bool(group["centered"]),
-            maximize=bool(group["maximize"]),
-            features=launch.features,
-            num_warps=self._num_warps,
-        )
+    def _hyper(self, group) -> tuple[float, ...]:
+        alpha = as_float(group["alpha"])
+        return (alpha, 1.0 - alpha, as_float(group["eps"]), as_float(group["momentum"]))
 
-    def _reference(self, group, params, grads, states, fresh) -> None:
-        from torch.optim.rmsprop import rmsprop
-
-        call_torch(
-            rmsprop,
-            params,
-            grads,
-            [s["square_avg"] for s in states],
-            [s["grad_avg"] for s in states] if group["centered"] else [],
-            [s["momentum_buffer"] for s in states] if group["momentum"] > 0 else [],
-            [s["step"] for s in states],
-            foreach=False,
-            maximize=group["maximize"],
-            has_complex=any(torch.is_complex(p) for p in params),
-            lr=group["lr"],
-            alpha=group["alpha"],
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
-            momentum=group["momentum"],
-            centered=group["centered"],
-        )
+    def _options(self, group) -> tuple[bool, ...]:
+        return (group["momentum"] > 0, bool(group["centered"]))

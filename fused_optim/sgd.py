@@ -6,8 +6,9 @@ from typing import ClassVar
 
 import torch
 
-from ._base import FusedOptimizer, _as_float, call_torch
-from .kernels import sgd_step
+from ._base import FusedOptimizer
+from ._segments import as_float
+from .kernels import SGD as _SGD
 
 __all__ = ["SGD"]
 
@@ -38,6 +39,7 @@ class SGD(FusedOptimizer):
     """
 
     _torch_cls = torch.optim.SGD
+    _algorithm = _SGD
     _scalar_state: ClassVar[dict[str, float]] = {}  # no step counter, as in torch
     _sparse_ok = True
 
@@ -59,34 +61,7 @@ class SGD(FusedOptimizer):
         state_dtype: torch.dtype | None = None,
         max_grad_norm: float | None = None,
     ) -> None:
-        defaults = {
-            "lr": lr,
-            "momentum": momentum,
-            "dampening": dampening,
-            "weight_decay": weight_decay,
-            "nesterov": nesterov,
-            "maximize": maximize,
-            "foreach": foreach,
-            "differentiable": differentiable,
-            "fused": fused,
-        }
-        super().__init__(
-            params,
-            defaults,
-            master_weights=master_weights,
-            stochastic_rounding=stochastic_rounding,
-            state_dtype=state_dtype,
-            max_grad_norm=max_grad_norm,
-        )
-
-    def __setstate__(self, state) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("nesterov", False)
-            group.setdefault("maximize", False)
-            group.setdefault("foreach", None)
-            group.setdefault("differentiable", False)
-            group.setdefault("fused", False)
+        super().__init__(params, locals())
 
     def _tensor_state_keys(self, group) -> tuple[str, ...]:
         return ("momentum_buffer",) if group["momentum"] != 0 else ()
@@ -99,45 +74,8 @@ class SGD(FusedOptimizer):
         if group["weight_decay"] != 0:
             raise RuntimeError("add(sparse, dense) is not supported. Use add(dense, sparse) instead.")
 
-    def _launch(self, group, launch, step_scalars) -> None:
-        seg = launch.seg
-        sgd_step(
-            launch.tables,
-            seg.flat.get("momentum_buffer"),
-            param_dtype=seg.dtype,
-            lr=self._lr(group, launch),
-            weight_decay=_as_float(group["weight_decay"]),
-            momentum=_as_float(group["momentum"]),
-            dampening=_as_float(group["dampening"]),
-            nesterov=bool(group["nesterov"]),
-            maximize=bool(group["maximize"]),
-            features=launch.features,
-            num_warps=self._num_warps,
-        )
+    def _hyper(self, group) -> tuple[float, ...]:
+        return (as_float(group["momentum"]), 1.0 - as_float(group["dampening"]))
 
-    def _reference(self, group, params, grads, states, fresh) -> None:
-        from torch.optim.sgd import sgd
-
-        momentum = group["momentum"]
-        buffers = [None if momentum == 0 or new else s.get("momentum_buffer") for s, new in zip(states, fresh)]
-        call_torch(
-            sgd,
-            params,
-            grads,
-            buffers,
-            has_sparse_grad=any(g.is_sparse for g in grads),
-            foreach=False,
-            fused=False,
-            weight_decay=group["weight_decay"],
-            momentum=momentum,
-            lr=group["lr"],
-            dampening=group["dampening"],
-            nesterov=group["nesterov"],
-            maximize=group["maximize"],
-        )
-        if momentum != 0:
-            for state, new, buf in zip(states, fresh, buffers):
-                if new:  # our flat-buffer view takes the first value
-                    state["momentum_buffer"].copy_(buf)
-                elif state.get("momentum_buffer") is not buf:  # torch's own tensor (sparse grads)
-                    dict.__setitem__(state, "momentum_buffer", buf)
+    def _options(self, group) -> tuple[bool, ...]:
+        return (group["momentum"] != 0, bool(group["nesterov"]))

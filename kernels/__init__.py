@@ -1,27 +1,31 @@
 """Triton kernels of fused_optim, installed as ``fused_optim.kernels``.
 
-Each algorithm module holds one ``_<algo>_kernel`` and its ``<algo>_step`` launcher; the tables,
-jit helpers and launch wrapper they share live in ``_tables``.
+``_update`` holds the one update kernel every algorithm runs through, and the kernel that
+advances device step counts; each algorithm module holds only its math (an ``Algorithm``);
+``clip`` the global grad-norm reduction. ``_tables`` builds the launch tables and launches,
+``_jit`` and ``_features`` hold the device helpers the kernels share.
 """
 
-from ._tables import INTERPRETED
-from .adadelta import adadelta_step
-from .adagrad import adagrad_step
-from .adam import adam_step
-from .adamax import adamax_step
-from .nadam import nadam_step
-from .radam import radam_step
-from .rmsprop import rmsprop_step
-from .sgd import sgd_step
+from ._jit import INTERPRETED
+from ._update import Algorithm, advance, step_table, update_step
+from .adadelta import ADADELTA
+from .adagrad import ADAGRAD
+from .adam import ADAM
+from .adamax import ADAMAX
+from .nadam import NADAM
+from .radam import RADAM
+from .rmsprop import RMSPROP
+from .sgd import SGD
 
-__all__ = [
-    "INTERPRETED",
-    "adadelta_step",
-    "adagrad_step",
-    "adam_step",
-    "adamax_step",
-    "nadam_step",
-    "radam_step",
-    "rmsprop_step",
-    "sgd_step",
-]
+ALGORITHMS = {
+    "adadelta": ADADELTA,
+    "adagrad": ADAGRAD,
+    "adam": ADAM,
+    "adamax": ADAMAX,
+    "nadam": NADAM,
+    "radam": RADAM,
+    "rmsprop": RMSPROP,
+    "sgd": SGD,
+}
+
+__all__ = ["ALGORITHMS", "INTERPRETED", "Algorithm", "advance", "step_table", "update_step"]

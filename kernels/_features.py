@@ -1,20 +1,20 @@
-"""Switches every update kernel shares: AMP (grad scale, inf skip), global-norm clipping, fp32
+"""Training features of the update kernel: AMP (grad scale, inf skip), global-norm clipping, fp32
 master weights, bf16 stochastic rounding, and device-side step counts (capturable steps).
 
-Each kernel takes the same trailing arguments, built by ``feature_args``:
-tensors ``steps, lr_ptr, grad_scale, found_inf, clip_coef, master``, scalars ``lr, seed``, and
-constexprs DEVICE_STEP, LR_ON_DEVICE, HAS_GRAD_SCALE, HAS_FOUND_INF, HAS_CLIP, MASTER, STOCHASTIC.
-A switch that is off costs nothing: its code is not generated.
+The update kernel takes the tensors ``grad_scale, found_inf, clip_coef, master`` and the scalar
+``seed`` built by ``feature_args``, with constexprs HAS_GRAD_SCALE, HAS_FOUND_INF, HAS_CLIP, MASTER,
+STOCHASTIC. A switch that is off costs nothing: its code is not generated. Device step counts and
+a device lr are read by the step-scalar kernel (``_update.advance``), never by the update kernel.
 """
 
-# No `from __future__ import annotations`: see _tables.
+# No `from __future__ import annotations`: see _jit.
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from ._tables import Tables, float_bits, hp, jit_kernel, to_storage
+from ._jit import to_storage
 
 
 @dataclass
@@ -31,35 +31,29 @@ class Features:
     seed: int = 0  # stochastic rounding: a new value every step (host steps), a base (device steps)
 
 
-UNSPECIALIZED = ["lr", "seed"]  # the trailing scalar arguments, never specialized
-
-
-def feature_args(f: Features, lr: float, any_tensor: torch.Tensor):
-    """(tensor arguments, scalar arguments, constexprs) of ``f`` for a kernel launch."""
-    tensors = tuple(
-        any_tensor if t is None else t for t in (f.steps, f.lr_tensor, f.grad_scale, f.found_inf, f.clip_coef, f.master)
-    )
-    scalars = (float_bits(lr), f.seed)
+def feature_args(f: Features, any_tensor: torch.Tensor):
+    """(tensor arguments, constexprs) of ``f`` for an update launch."""
+    tensors = tuple(any_tensor if t is None else t for t in (f.grad_scale, f.found_inf, f.clip_coef, f.master))
     constexprs = {
-        "DEVICE_STEP": f.steps is not None,
-        "LR_ON_DEVICE": f.lr_tensor is not None,
         "HAS_GRAD_SCALE": f.grad_scale is not None,
         "HAS_FOUND_INF": f.found_inf is not None,
         "HAS_CLIP": f.clip_coef is not None,
         "MASTER": f.master is not None,
         "STOCHASTIC": f.stochastic,
     }
-    return tensors, scalars, constexprs
+    return tensors, constexprs
 
 
 # --- jit helpers ---------------------------------------------------------------------------------
 @triton.jit
 def grad_multiplier(grad_scale, clip_coef, HAS_GRAD_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr):
-    """What grads are multiplied by: 1 / grad_scale (in float64, then rounded, as torch's
-    ``GradScaler.unscale_`` computes its inverse scale) times the clip coefficient."""
+    """What grads are multiplied by: 1 / grad_scale times the clip coefficient. torch's
+    ``GradScaler.unscale_`` takes the inverse of its fp32 scale in float64, then rounds it to fp32;
+    a correctly rounded fp32 division gives the same value (double rounding is innocuous when the
+    wide format has more than twice the bits, 53 >= 2 * 24 + 2), with no float64 arithmetic."""
     m = 1.0
     if HAS_GRAD_SCALE:
-        m = (1.0 / tl.load(grad_scale).to(tl.float64)).to(tl.float32)
+        m = tl.div_rn(1.0, tl.load(grad_scale).to(tl.float32))
     if HAS_CLIP:
         m = m * tl.load(clip_coef).to(tl.float32)
     return m
@@ -107,94 +101,3 @@ def store_param(
         tl.store(p_ptr + offs, stochastic_bf16(p, seed, rand_offs), mask=mask)
     else:
         tl.store(p_ptr + offs, to_storage(p, P_DTYPE), mask=mask)
-
-
-@triton.jit
-def device_step(steps, tensor_table, t):
-    """The step count of tensor ``t`` (already advanced for this step), in float64."""
-    return tl.load(steps + tl.load(tensor_table + t * 8 + 6)).to(tl.float64)  # ROW, COL_MEMBER
-
-
-@triton.jit
-def lr_value(lr_bits, lr_ptr, LR_ON_DEVICE: tl.constexpr):
-    """lr in float64: from the device tensor (capturable) or the launch argument."""
-    if LR_ON_DEVICE:
-        lr = tl.load(lr_ptr).to(tl.float64)
-    else:
-        lr = hp(lr_bits, tl.float64)
-    return lr
-
-
-@triton.jit
-def pow64(base, exponent):
-    """base ** exponent in float64 for base > 0 (0 for base 0), as exp(exponent * log(base))."""
-    return tl.exp(exponent * tl.log(base))
-
-
-@triton.jit
-def random_seed(seed, step, DEVICE_STEP: tl.constexpr):
-    """Stochastic rounding seed: the step count makes it new at every (graph-replayed) step."""
-    if DEVICE_STEP:
-        s = seed + step.to(tl.int64)
-    else:
-        s = seed
-    return s
-
-
-# --- advancing device step counts -------------------------------------------------------------
-@jit_kernel(unspecialized=["n", "beta1", "momentum_decay"])
-def _advance_kernel(
-    tensor_table,  # *i64 [n, ROW]: the launch's tensor table (member column)
-    steps,  # device step counts of the segment
-    mu_product,  # NAdam's device mu_product of the segment (NADAM), else any tensor
-    found_inf,  # AMP: nonzero means this step is skipped (HAS_FOUND_INF)
-    n,  # tensors in the launch
-    beta1: tl.int64,  # NAdam's beta1, as float_bits
-    momentum_decay: tl.int64,  # NAdam's momentum_decay
-    HAS_FOUND_INF: tl.constexpr,
-    NADAM: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-):
-    """step += 1 (torch: ``step_t += 1``) for every tensor of the launch, unless found_inf is set;
-    NAdam also ``mu_product *= beta1 * (1 - 0.5 * 0.96 ** (step * momentum_decay))``."""
-    i = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    ok = i < n
-    member = tl.load(tensor_table + i * 8 + 6, mask=ok, other=0)  # ROW, COL_MEMBER
-    step = tl.load(steps + member, mask=ok, other=0)
-    if HAS_FOUND_INF:
-        advance = tl.load(found_inf) == 0
-    else:
-        advance = True
-    new_step = step + 1
-    tl.store(steps + member, tl.where(advance, new_step, step), mask=ok)
-    if NADAM:
-        b1 = hp(beta1, tl.float64)
-        mu = b1 * (1.0 - 0.5 * pow64(0.96, new_step.to(tl.float64) * hp(momentum_decay, tl.float64)))
-        mp = tl.load(mu_product + member, mask=ok, other=1)
-        tl.store(mu_product + member, tl.where(advance, mp * mu.to(mp.dtype), mp), mask=ok)
-
-
-def advance_steps(
-    tables: Tables,
-    steps: torch.Tensor,
-    found_inf: torch.Tensor | None,
-    mu_product: torch.Tensor | None = None,
-    beta1: float = 0.0,
-    momentum_decay: float = 0.0,
-) -> None:
-    """Advance the device step counts of the tensors in ``tables`` (one small launch)."""
-    n = tables.tensor_table.shape[0]
-    block_t = 256
-    _advance_kernel[(triton.cdiv(n, block_t),)](
-        tables.tensor_table,
-        steps,
-        steps if mu_product is None else mu_product,
-        steps if found_inf is None else found_inf,
-        n,
-        float_bits(beta1),
-        float_bits(momentum_decay),
-        HAS_FOUND_INF=found_inf is not None,
-        NADAM=mu_product is not None,
-        BLOCK_T=block_t,
-        num_warps=4,
-    )

@@ -1,7 +1,8 @@
 """Compile a kernel for a GPU target on any machine (no GPU needed) and read what the compiler made:
-128-bit global accesses, IEEE square roots and divisions, local memory, and ptxas's register and
-spill report. Used by the tests and the benchmarks; needs kernels decorated without
-TRITON_INTERPRET (run it in a process of its own when the interpreter is on)."""
+128-bit global accesses, IEEE square roots and divisions, local memory, float64 transcendentals,
+and ptxas's register and spill report. Used by the tests and the benchmarks; needs kernels
+decorated without TRITON_INTERPRET (run it in a process of its own when the interpreter is on).
+Works with every Triton fused_optim supports (3.3 and newer)."""
 
 from __future__ import annotations
 
@@ -15,36 +16,23 @@ import triton
 _ACCESS = re.compile(r"\b(ld|st)\.global[.\w]*?\.v(\d)\.[bfsu](\d+)\b")
 
 
-def compile_for(kernel, pointer_dtypes: dict[str, str], constexprs: dict, arch: int = 90, num_warps: int = 4):
-    """Compile ``kernel`` for ``sm_<arch>``. Pointer arguments are named in ``pointer_dtypes``
-    (Triton type names such as ``"fp32"``) and, as torch allocations are, 16-byte aligned;
-    every other runtime argument is an int64 scalar."""
+def compile_for(kernel, types: dict, constexprs: dict, arch: int = 90, num_warps: int = 4):
+    """Compile ``kernel`` for ``sm_<arch>``. ``types`` gives the Triton type of each runtime argument
+    (``"*fp32"``, ``"i64"``, or a tuple of those for a tuple argument; ``"i64"`` when not named);
+    pointers are 16-byte aligned, as torch allocations are."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    names = list(kernel.arg_names)
     signature, attrs = {}, {}
-    for i, name in enumerate(names):
+    for i, name in enumerate(kernel.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
-        elif name in pointer_dtypes:
-            signature[name] = "*" + pointer_dtypes[name]
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        else:
-            signature[name] = "i64"
-    try:
-        src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    except TypeError:  # Triton 3.0/3.1: index-keyed signature and constants
-        from triton.compiler.compiler import AttrsDescriptor
-
-        sig = {i: t for i, (n, t) in enumerate(signature.items()) if t != "constexpr"}
-        consts = {names.index(k): v for k, v in constexprs.items()}
-        src = ASTSource(
-            fn=kernel,
-            signature=sig,
-            constants=consts,
-            attrs=AttrsDescriptor(divisible_by_16=tuple(i for (i,) in attrs)),
-        )
+            continue
+        ty = signature[name] = types.get(name, "i64")
+        for j, t in enumerate(ty) if isinstance(ty, tuple) else [(None, ty)]:
+            if t.startswith("*"):
+                attrs[(i,) if j is None else (i, j)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     target = GPUTarget("cuda", arch, 32)
     return triton.compile(src, target=target, options={"num_warps": num_warps, "enable_fp_fusion": False})
 
@@ -58,14 +46,20 @@ def vector_accesses(ptx: str) -> dict[str, int]:
     return counts
 
 
+def fp64_arithmetic(ptx: str) -> int:
+    """float64 arithmetic instructions (conversions, moves, loads and stores excluded): a float64
+    ``exp``/``log`` is inlined from libdevice as dozens of ``fma.rn.f64``, so an fp32 kernel
+    without any of these computes no float64 transcendental."""
+    return len(re.findall(r"\b(?:add|sub|mul|fma|div|sqrt|rcp|neg|min|max|abs|ex2|lg2)\.[\w.]*f64\b", ptx))
+
+
 def ptxas_report(ptx: str, arch: int = 90) -> dict[str, int]:
     """Registers, stack frame and spill bytes as ptxas reports them for ``ptx``."""
-    ptxas = _ptxas_path(arch)
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "k.ptx"
         src.write_text(ptx)
         out = subprocess.run(
-            [ptxas, f"--gpu-name={_target(ptx)}", "-v", str(src), "-o", str(Path(tmp) / "k.cubin")],
+            [_ptxas_path(arch), f"--gpu-name={_target(ptx)}", "-v", str(src), "-o", str(Path(tmp) / "k.cubin")],
             capture_output=True,
             text=True,
             check=True,
@@ -88,9 +82,8 @@ def _ptxas_path(arch: int) -> str:
     """The ptxas Triton itself runs for ``sm_<arch>``."""
     from triton.backends.nvidia import compiler
 
-    if hasattr(compiler, "get_ptxas"):  # Triton >= 3.5 picks a ptxas per architecture
-        return compiler.get_ptxas(arch).path
-    return compiler._path_to_binary("ptxas")[0]
+    tool = compiler.get_ptxas(arch) if hasattr(compiler, "get_ptxas") else compiler._path_to_binary("ptxas")
+    return tool[0] if isinstance(tool, tuple) else tool.path  # (path, version) up to Triton 3.4
 
 
 def _target(ptx: str) -> str:

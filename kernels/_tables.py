@@ -1,4 +1,4 @@
-"""Shared pieces of every fused update kernel: launch tables, jit helpers and the launcher.
+"""The launch tables of one segment: built on the host, read by every kernel.
 
 One launch covers one *segment* (the tensors of a param group that share device and dtype).
 Two small int64 tables on the device describe it:
@@ -12,16 +12,12 @@ Two small int64 tables on the device describe it:
   when param and grad are 16-byte aligned, else 0.
 * the block table, one entry per program: ``tensor index << 32 | block index in the tensor``.
 
-Hyperparameters are runtime arguments. Float scalars travel as the int64 bit pattern of their
-float64 value (``float_bits``), because Triton passes Python floats as fp32 and fp64 params
-need fp64 scalars; the kernel turns them back with ``hp``. Those arguments are never
-specialized, so no value of lr, betas or eps can cause a new compilation.
+Also here: the launch wrapper (one place that calls Triton, so tests can record launches) and the
+specialization key a launch compiles under.
 """
 
-# No `from __future__ import annotations` here: Triton 3.0's interpreter recognizes
-# `tl.constexpr` parameters only from evaluated annotations.
+# No `from __future__ import annotations`: see _jit.
 import inspect
-import struct
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -44,37 +40,6 @@ def block_size(num_warps: int, itemsize: int) -> int:
     return num_warps * 32 * VEC_BYTES // itemsize
 
 
-_TRITON_DTYPES = {
-    torch.float32: tl.float32,
-    torch.float64: tl.float64,
-    torch.float16: tl.float16,
-    torch.bfloat16: tl.bfloat16,
-}
-
-
-def triton_dtype(dtype: torch.dtype):
-    """The Triton element type of a real floating torch dtype."""
-    try:
-        return _TRITON_DTYPES[dtype]
-    except KeyError:
-        raise TypeError(f"fused_optim kernels do not handle {dtype}") from None
-
-
-def compute_dtype(dtype: torch.dtype):
-    """Math runs in fp32, or fp64 for fp64 tensors."""
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def float_bits(x: float) -> int:
-    """The int64 bit pattern of ``float(x)`` as float64; ``hp`` undoes it inside a kernel."""
-    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
-
-
-def is_interpreted(kernel) -> bool:
-    """True when ``kernel`` was decorated under TRITON_INTERPRET=1 (it then runs on CPU tensors)."""
-    return type(kernel).__name__ == "InterpretedFunction"
-
-
 def jit_kernel(*, unspecialized: list[str]):
     """``triton.jit`` for an update kernel whose ``unspecialized`` arguments (the hyperparameters)
     Triton must never specialize on; the names are kept on the kernel for ``specialization_key``."""
@@ -88,67 +53,9 @@ def jit_kernel(*, unspecialized: list[str]):
 
 
 @triton.jit
-def _probe():
-    pass
-
-
-# True when TRITON_INTERPRET=1 was set before import: kernels then run on CPU tensors.
-INTERPRETED = is_interpreted(_probe)
-
-if INTERPRETED:
-
-    @triton.jit
-    def to_storage(x, DTYPE: tl.constexpr):
-        """Round to the storage dtype, to nearest even as the GPU's cvt.rn does. The interpreter
-        truncates fp32 -> bf16 (and its RTNE mode rounds ties up), so bf16 is rounded here."""
-        if DTYPE == tl.bfloat16:
-            bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
-            rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.uint16)
-            quiet_nan = ((bits >> 16) & 0x8000).to(tl.uint16) | 0x7FC0
-            r = tl.where(x != x, quiet_nan, rounded)
-        else:
-            r = x.to(DTYPE)
-        return r
-
-else:
-
-    @triton.jit
-    def to_storage(x, DTYPE: tl.constexpr):
-        """Round to the storage dtype (to nearest even)."""
-        return x.to(DTYPE)
-
-
-@triton.jit
-def hp(bits, DTYPE: tl.constexpr):
-    """A hyperparameter passed by ``float_bits``, as a scalar of DTYPE."""
-    # The interpreter types small ints (the bits of 0.0) as int32: widen before the bitcast.
-    return bits.to(tl.int64).to(tl.float64, bitcast=True).to(DTYPE)
-
-
-@triton.jit
-def ieee_sqrt(x, C_DTYPE: tl.constexpr):
-    """Correctly rounded square root (tl.sqrt may be approximate in fp32; fp64 sqrt is exact)."""
-    if C_DTYPE == tl.float64:
-        r = tl.sqrt(x)
-    else:
-        r = tl.sqrt_rn(x)
-    return r
-
-
-@triton.jit
-def ieee_div(x, y, C_DTYPE: tl.constexpr):
-    """Correctly rounded division (fp32 ``/`` may be approximate; fp64 division is exact)."""
-    if C_DTYPE == tl.float64:
-        r = x / y
-    else:
-        r = tl.div_rn(x, y)
-    return r
-
-
-@triton.jit
 def locate(tensor_table, block_table, BLOCK: tl.constexpr):
-    """Where this program works: (tensor index, element offsets, param address, grad address,
-    state offset, numel, full) where ``full`` means the block may use the unmasked 128-bit path."""
+    """Where this program works: (tensor index, first element, param address, grad address, state
+    offset, numel, full) where ``full`` means the block may use the unmasked 128-bit path."""
     entry = tl.load(block_table + tl.program_id(0))
     t = entry >> 32
     start = (entry & 0xFFFFFFFF) * BLOCK
@@ -158,85 +65,13 @@ def locate(tensor_table, block_table, BLOCK: tl.constexpr):
     s_off = tl.load(row + 2)
     numel = tl.load(row + 3)
     vec_end = tl.load(row + 4)
-    offs = start + tl.arange(0, BLOCK)
-    return t, offs, p_addr, g_addr, s_off, numel, start + BLOCK <= vec_end
-
-
-@triton.jit
-def as_ptr(addr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
-    """A typed pointer from a table address; ALIGNED adds the 16-byte hint that lets the
-    compiler emit 128-bit accesses (only valid on the full-block path)."""
-    # Literal element types: Triton 3.0 passes DTYPE to tl.pointer_type still wrapped as a constexpr.
-    if DTYPE == tl.float32:
-        ptr = addr.to(tl.pointer_type(tl.float32))
-    elif DTYPE == tl.float64:
-        ptr = addr.to(tl.pointer_type(tl.float64))
-    elif DTYPE == tl.bfloat16:
-        ptr = addr.to(tl.pointer_type(tl.bfloat16))
-    else:
-        tl.static_assert(DTYPE == tl.float16)
-        ptr = addr.to(tl.pointer_type(tl.float16))
-    if ALIGNED:
-        ptr = tl.multiple_of(ptr, 16)
-    return ptr
-
-
-@triton.jit
-def region(base, s_off, ALIGNED: tl.constexpr):
-    """Pointer to a tensor's region of a flat state buffer. Regions start at multiples of ALIGN
-    elements; ALIGNED adds the 16-byte hint for the full-block path. (Hints attach to the op that
-    makes a value, so they are applied here, on a pointer this helper creates, and in ``as_ptr``:
-    a hint on a value passed into a helper would be lost.)"""
-    ptr = base + s_off
-    if ALIGNED:
-        ptr = tl.multiple_of(ptr, 16)
-    return ptr
+    return t, start, p_addr, g_addr, s_off, numel, start + BLOCK <= vec_end
 
 
 @triton.jit
 def is_fresh(tensor_table, t):
     """Whether tensor ``t`` carries FLAG_FRESH (1)."""
     return (tl.load(tensor_table + t * 8 + 5) & 1) != 0  # ROW, COL_FLAGS, FLAG_FRESH
-
-
-@triton.jit
-def step_scalar(step_table, t, j, WIDTH: tl.constexpr, bits, PER_TENSOR: tl.constexpr, C_DTYPE: tl.constexpr):
-    """Step-dependent scalar ``j``: from the per-tensor float64 table (tensors at different steps),
-    else the launch-wide argument passed by ``float_bits``."""
-    if PER_TENSOR:
-        v = tl.load(step_table + t * WIDTH + j).to(C_DTYPE)
-    else:
-        v = hp(bits, C_DTYPE)
-    return v
-
-
-@triton.jit
-def torch_lerp(start, end, weight):
-    """``start.lerp_(end, weight)`` as torch computes it: two-sided, exact at weight 0 and 1."""
-    small = weight < 0.5
-    return tl.fma(tl.where(small, weight, weight - 1.0), end - start, tl.where(small, start, end))
-
-
-@triton.jit
-def decay_addcmul(avg, x, beta, weight):
-    """``avg.mul_(beta).addcmul_(x, x, value=weight)``: one rounding for the product, one fused
-    multiply-add, as torch's CPU kernels do."""
-    return tl.fma(weight * x, x, avg * beta)
-
-
-@triton.jit
-def prepare_grad(p, g, decay, MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, DECOUPLED: tl.constexpr):
-    """The grad every algorithm starts from, in torch's order: negated if MAXIMIZE, then L2 decay
-    ``g + decay * p`` (``grad.add(param, alpha=weight_decay)``) or, DECOUPLED, the param decayed
-    as ``p * decay`` with ``decay = 1 - lr * weight_decay``. Returns (p, g)."""
-    if MAXIMIZE:
-        g = -g
-    if WEIGHT_DECAY:
-        if DECOUPLED:
-            p = p * decay
-        else:
-            g = tl.fma(decay, p, g)
-    return p, g
 
 
 @dataclass
@@ -248,6 +83,7 @@ class Tables:
     n_blocks: int
     block: int
     rows: np.ndarray  # the tensor table on the host (shares memory with it on CPU)
+    step_table: torch.Tensor | None = None  # per-tensor step scalars written on the device (device steps)
 
 
 def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -311,16 +147,6 @@ def scalar_table(values: np.ndarray, device: torch.device) -> torch.Tensor:
     return _to_device(np.ascontiguousarray(values, dtype=np.float64), device)
 
 
-def step_args(step_scalars, width: int, tables: Tables):
-    """Kernel arguments for step-dependent scalars: (table tensor, per-scalar bits, PER_TENSOR).
-    ``step_scalars`` is a tuple of floats (one step value for the launch) or a float64 device table
-    of ``width`` columns, one row per tensor."""
-    if isinstance(step_scalars, torch.Tensor):
-        return step_scalars, (0,) * width, True
-    assert len(step_scalars) == width, (step_scalars, width)
-    return tables.tensor_table, tuple(float_bits(x) for x in step_scalars), False
-
-
 _recorders: list[list] = []
 
 
@@ -335,6 +161,10 @@ def record_launches():
         _recorders.remove(log)
 
 
+def _name(jit_function) -> str:
+    return getattr(jit_function, "__name__", None) or jit_function.fn.__name__
+
+
 def launch(kernel, tables: Tables, args: tuple, constexprs: dict, num_warps: int) -> None:
     """Launch ``kernel`` over the blocks of ``tables``; ``args`` follow the two table pointers."""
     if tables.n_blocks == 0:
@@ -343,8 +173,11 @@ def launch(kernel, tables: Tables, args: tuple, constexprs: dict, num_warps: int
         key = specialization_key(
             kernel, (tables.tensor_table, tables.block_table, *args), {**constexprs, "BLOCK": tables.block}
         )
+        name = _name(kernel)
+        if "MATH" in constexprs:  # the update kernel: which algorithm
+            name += f"[{_name(constexprs['MATH'])}]"
         for log in _recorders:
-            log.append((getattr(kernel, "__name__", None) or kernel.fn.__name__, key))
+            log.append((name, key))
     kernel[(tables.n_blocks,)](
         tables.tensor_table,
         tables.block_table,
@@ -368,23 +201,23 @@ def specialization_key(kernel, args: tuple, constexprs: dict) -> tuple:
     fn = getattr(kernel, "fn", kernel)
     names = [n for n in inspect.signature(fn).parameters if n not in constexprs]
     dns = set(kernel.unspecialized)
-    key = []
-    for name, value in zip(names, args, strict=True):
-        if isinstance(value, torch.Tensor):
-            key.append((name, str(value.dtype), value.data_ptr() % 16 == 0))
-        elif isinstance(value, bool):
-            key.append((name, "i1", value))
-        elif isinstance(value, int):
-            if name in dns:
-                key.append((name, "i64"))
-            else:
-                key.append((name, "i64", value % 16 == 0, value == 1))
-        elif isinstance(value, float):
-            key.append((name, "fp32"))
-        else:
-            key.append((name, repr(value)))
+    key = [(name, *_arg_key(value, name in dns)) for name, value in zip(names, args, strict=True)]
     key.extend(sorted((k, repr(v)) for k, v in constexprs.items()))
     return tuple(key)
+
+
+def _arg_key(value, unspecialized: bool) -> tuple:
+    if isinstance(value, tuple):  # a tuple argument: each element is specialized as an argument
+        return tuple(_arg_key(v, False) for v in value)
+    if isinstance(value, torch.Tensor):
+        return (str(value.dtype), value.data_ptr() % 16 == 0)
+    if isinstance(value, bool):
+        return ("i1", value)
+    if isinstance(value, int):
+        return ("i64",) if unspecialized else ("i64", value % 16 == 0, value == 1)
+    if isinstance(value, float):
+        return ("fp32",)
+    return (repr(value),)
 
 
 def jit_cache_size(kernel) -> int:

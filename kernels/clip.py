@@ -5,12 +5,13 @@ partial; the caller combines the partials of every segment on the device (``sum(
 ``amax()``), in a fixed order, so the norm is deterministic and never read on the host.
 """
 
-# No `from __future__ import annotations`: see _tables.
+# No `from __future__ import annotations`: see _jit.
 import torch
 import triton
 import triton.language as tl
 
-from ._tables import Tables, as_ptr, jit_kernel, launch, locate, triton_dtype
+from ._jit import as_ptr, triton_dtype
+from ._tables import Tables, jit_kernel, launch, locate
 
 
 @triton.jit
@@ -38,7 +39,8 @@ def _grad_norm_kernel(
     NORM_INF: tl.constexpr,  # max |g| instead of the sum of squares
     BLOCK: tl.constexpr,
 ):
-    _, offs, _, g_addr, _, numel, full = locate(tensor_table, block_table, BLOCK)
+    _, start, _, g_addr, _, numel, full = locate(tensor_table, block_table, BLOCK)
+    offs = start + tl.arange(0, BLOCK)
     if full:
         value = _norm_block(as_ptr(g_addr, G_DTYPE, True), offs, numel, False, ACC_DTYPE, NORM_INF)
     else:

@@ -1,243 +1,58 @@
-"""NAdam (Nesterov-accelerated Adam, with momentum decay): one segment in one launch."""
+"""NAdam (Nesterov-accelerated Adam with momentum decay): the math of one block, and its step
+scalars and mu_product on the device.
 
-# No `from __future__ import annotations`: see _tables.
-import torch
+h = (1 - beta1, beta2, 1 - beta2, eps, beta1, momentum_decay);
+k = (1 - beta2**step, -lr * (1 - mu) / (1 - mu_product), -lr * mu_next / (1 - mu_product * mu_next))
+with mu = beta1 * (1 - 0.5 * 0.96 ** (step * momentum_decay)) and mu_next the same at step + 1.
+Weight decay (L2 or decoupled) and maximize are applied by the skeleton.
+"""
+
+# No `from __future__ import annotations`: see _jit.
 import triton
 import triton.language as tl
 
-from ._features import (
-    UNSPECIALIZED,
-    Features,
-    device_step,
-    feature_args,
-    grad_multiplier,
-    load_grad,
-    load_param,
-    lr_value,
-    pow64,
-    random_seed,
-    store_param,
-)
-from ._tables import (
-    Tables,
-    as_ptr,
-    compute_dtype,
-    decay_addcmul,
-    float_bits,
-    hp,
-    ieee_div,
-    ieee_sqrt,
-    jit_kernel,
-    launch,
-    locate,
-    prepare_grad,
-    region,
-    step_args,
-    step_scalar,
-    to_storage,
-    torch_lerp,
-    triton_dtype,
-)
-
-_SCALARS = [
-    "decay", "lerp_w", "beta2", "sq_w", "eps", "bc2", "grad_coef", "avg_coef", "beta1", "weight_decay",
-    "momentum_decay", *UNSPECIALIZED,
-]  # fmt: skip
+from ._jit import decay_addcmul, ieee_div, ieee_sqrt, pow64, torch_lerp
+from ._update import Algorithm
 
 
 @triton.jit
-def _nadam_block(
-    p_addr,  # param address (the grad has the same layout)
-    g_addr,  # grad address
-    exp_avg,  # flat state
-    exp_avg_sq,  # flat state
-    master,  # flat fp32 master copy (MASTER)
-    s_off,  # this tensor's offset in the flat state
-    offs,  # element offsets of this block within the tensor
-    numel,  # elements of the tensor
-    g_mult,  # grads are multiplied by this (1 / grad_scale * clip coefficient)
-    seed,  # stochastic rounding seed
-    decay,  # 1 - lr * weight_decay (DECOUPLED) or weight_decay, in C_DTYPE like every scalar below
-    lerp_w,  # 1 - beta1
-    beta2,  # beta2
-    sq_w,  # 1 - beta2
-    eps,  # eps
-    bc2,  # 1 - beta2 ** step
-    grad_coef,  # -lr * (1 - mu) / (1 - mu_product)
-    avg_coef,  # -lr * mu_next / (1 - mu_product * mu_next)
-    P_DTYPE: tl.constexpr,
-    S_DTYPE: tl.constexpr,
-    C_DTYPE: tl.constexpr,
-    WEIGHT_DECAY: tl.constexpr,
-    DECOUPLED: tl.constexpr,
-    MAXIMIZE: tl.constexpr,
-    SCALE_GRAD: tl.constexpr,
-    MASTER: tl.constexpr,
-    STOCHASTIC: tl.constexpr,
-    FULL: tl.constexpr,  # an unmasked block of 16-byte-aligned tensors: 128-bit accesses
-):
-    p_ptr = as_ptr(p_addr, P_DTYPE, FULL)
-    g_ptr = as_ptr(g_addr, P_DTYPE, FULL)
-    m_ptr = region(exp_avg, s_off, FULL)
-    v_ptr = region(exp_avg_sq, s_off, FULL)
-    w_ptr = region(master, s_off, FULL)
-    mask = None if FULL else offs < numel
-    p = load_param(p_ptr, w_ptr, offs, mask, C_DTYPE, MASTER)
-    g = load_grad(g_ptr, offs, mask, g_mult, C_DTYPE, SCALE_GRAD)
-    m = tl.load(m_ptr + offs, mask=mask).to(C_DTYPE)
-    v = tl.load(v_ptr + offs, mask=mask).to(C_DTYPE)
-    p, g = prepare_grad(p, g, decay, MAXIMIZE, WEIGHT_DECAY, DECOUPLED)
-    m = torch_lerp(m, g, lerp_w)  # exp_avg.lerp_(grad, 1 - beta1)
-    v = decay_addcmul(v, g, beta2, sq_w)  # exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    denom = ieee_sqrt(ieee_div(v, bc2, C_DTYPE), C_DTYPE) + eps  # exp_avg_sq.div(bc2).sqrt().add_(eps)
-    p = p + ieee_div(grad_coef * g, denom, C_DTYPE)  # param.addcdiv_(grad, denom, value=grad_coef)
-    p = p + ieee_div(avg_coef * m, denom, C_DTYPE)  # param.addcdiv_(exp_avg, denom, value=avg_coef)
-    store_param(p_ptr, w_ptr, p, offs, mask, seed, s_off + offs, P_DTYPE, MASTER, STOCHASTIC)
-    tl.store(m_ptr + offs, to_storage(m, S_DTYPE), mask=mask)
-    tl.store(v_ptr + offs, to_storage(v, S_DTYPE), mask=mask)
+def nadam_math(p, g, s, fresh, lr, h, k, O0, O1, O2, C_DTYPE: tl.constexpr):
+    exp_avg, exp_avg_sq = s
+    lerp_w, beta2, sq_w, eps, _, _ = h
+    bc2, grad_coef, avg_coef = k
+    # exp_avg.lerp_(grad, 1 - beta1); exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    exp_avg = torch_lerp(exp_avg, g, lerp_w)
+    exp_avg_sq = decay_addcmul(exp_avg_sq, g, beta2, sq_w)
+    denom = ieee_sqrt(ieee_div(exp_avg_sq, bc2, C_DTYPE), C_DTYPE) + eps  # exp_avg_sq.div(bc2).sqrt().add_(eps)
+    # param.addcdiv_(grad, denom, value=grad_coef).addcdiv_(exp_avg, denom, value=avg_coef); both
+    # quotients first (in the other order ptxas 12.8, Triton 3.3's, spills a register)
+    from_grad = ieee_div(grad_coef * g, denom, C_DTYPE)
+    from_avg = ieee_div(avg_coef * exp_avg, denom, C_DTYPE)
+    p = p + from_grad
+    p = p + from_avg
+    return p, (exp_avg, exp_avg_sq)
 
 
-@jit_kernel(unspecialized=_SCALARS)
-def _nadam_kernel(
-    tensor_table,  # *i64 [n, ROW]: param/grad addresses, state offset, numel, vector end, flags
-    block_table,  # *i64 [n_blocks]: tensor index << 32 | block index in the tensor
-    exp_avg,  # flat state: first moment
-    exp_avg_sq,  # flat state: second moment
-    step_table,  # *f64 [n, 3]: per-tensor (bc2, grad_coef, avg_coef) (PER_TENSOR_STEP), else any
-    mu_product,  # device mu_product of the segment, already advanced (DEVICE_STEP), else any
-    steps,  # device step counts (DEVICE_STEP); this and the next five: see _features
-    lr_ptr,
-    grad_scale,
-    found_inf,
-    clip_coef,
-    master,
-    decay: tl.int64,  # 1 - lr * weight_decay (DECOUPLED) or weight_decay, as float_bits
-    lerp_w: tl.int64,  # 1 - beta1
-    beta2: tl.int64,  # beta2
-    sq_w: tl.int64,  # 1 - beta2
-    eps: tl.int64,  # eps
-    bc2: tl.int64,  # 1 - beta2 ** step
-    grad_coef: tl.int64,  # -lr * (1 - mu) / (1 - mu_product)
-    avg_coef: tl.int64,  # -lr * mu_next / (1 - mu_product * mu_next)
-    beta1: tl.int64,  # beta1 (device steps)
-    weight_decay: tl.int64,  # weight_decay (device steps)
-    momentum_decay: tl.int64,  # momentum_decay (device steps)
-    lr: tl.int64,  # lr (device steps)
-    seed: tl.int64,  # stochastic rounding seed
-    P_DTYPE: tl.constexpr,  # param and grad element type
-    S_DTYPE: tl.constexpr,  # state element type
-    C_DTYPE: tl.constexpr,  # math type: fp32, or fp64 for fp64 params
-    WEIGHT_DECAY: tl.constexpr,  # weight_decay != 0
-    DECOUPLED: tl.constexpr,  # decay the param directly
-    MAXIMIZE: tl.constexpr,
-    PER_TENSOR_STEP: tl.constexpr,  # tensors of this launch differ in step or mu_product
-    DEVICE_STEP: tl.constexpr,  # step counts on the device; step scalars computed here
-    LR_ON_DEVICE: tl.constexpr,
-    HAS_GRAD_SCALE: tl.constexpr,
-    HAS_FOUND_INF: tl.constexpr,
-    HAS_CLIP: tl.constexpr,
-    MASTER: tl.constexpr,
-    STOCHASTIC: tl.constexpr,
-    BLOCK: tl.constexpr,  # elements per program
-):
-    t, offs, p_addr, g_addr, s_off, numel, full = locate(tensor_table, block_table, BLOCK)
-    if HAS_FOUND_INF:
-        go = tl.load(found_inf) == 0
-    else:
-        go = True
-    if go:  # AMP: a step with inf/nan grads changes nothing
-        if DEVICE_STEP:
-            step = device_step(steps, tensor_table, t)
-            mu_prod = tl.load(mu_product + tl.load(tensor_table + t * 8 + 6)).to(tl.float64)  # advanced
-            lr64 = lr_value(lr, lr_ptr, LR_ON_DEVICE)
-            b1 = hp(beta1, tl.float64)
-            md = hp(momentum_decay, tl.float64)
-            mu = b1 * (1.0 - 0.5 * pow64(0.96, step * md))
-            mu_next = b1 * (1.0 - 0.5 * pow64(0.96, (step + 1.0) * md))
-            bc2_c = (1.0 - pow64(hp(beta2, tl.float64), step)).to(C_DTYPE)
-            grad_c = (-lr64 * (1.0 - mu) / (1.0 - mu_prod)).to(C_DTYPE)
-            avg_c = ((-lr64 * mu_next) / (1.0 - mu_prod * mu_next)).to(C_DTYPE)
-            if DECOUPLED:
-                decay_c = (1.0 - lr64 * hp(weight_decay, tl.float64)).to(C_DTYPE)
-            else:
-                decay_c = hp(weight_decay, C_DTYPE)
-        else:
-            step = 0.0
-            bc2_c = step_scalar(step_table, t, 0, 3, bc2, PER_TENSOR_STEP, C_DTYPE)
-            grad_c = step_scalar(step_table, t, 1, 3, grad_coef, PER_TENSOR_STEP, C_DTYPE)
-            avg_c = step_scalar(step_table, t, 2, 3, avg_coef, PER_TENSOR_STEP, C_DTYPE)
-            decay_c = hp(decay, C_DTYPE)
-        g_mult = grad_multiplier(grad_scale, clip_coef, HAS_GRAD_SCALE, HAS_CLIP)
-        rseed = random_seed(seed, step, DEVICE_STEP)
-        lerp_c = hp(lerp_w, C_DTYPE)
-        beta2_c = hp(beta2, C_DTYPE)
-        sq_c = hp(sq_w, C_DTYPE)
-        eps_c = hp(eps, C_DTYPE)
-        scale_grad = HAS_GRAD_SCALE or HAS_CLIP
-        if full:
-            _nadam_block(
-                p_addr, g_addr, exp_avg, exp_avg_sq, master, s_off, offs, numel, g_mult, rseed,
-                decay_c, lerp_c, beta2_c, sq_c, eps_c, bc2_c, grad_c, avg_c,
-                P_DTYPE, S_DTYPE, C_DTYPE, WEIGHT_DECAY, DECOUPLED, MAXIMIZE, scale_grad, MASTER, STOCHASTIC, True,
-            )  # fmt: skip
-        else:  # a tensor's last block, or a tensor whose address is not 16-byte aligned
-            _nadam_block(
-                p_addr, g_addr, exp_avg, exp_avg_sq, master, s_off, offs, numel, g_mult, rseed,
-                decay_c, lerp_c, beta2_c, sq_c, eps_c, bc2_c, grad_c, avg_c,
-                P_DTYPE, S_DTYPE, C_DTYPE, WEIGHT_DECAY, DECOUPLED, MAXIMIZE, scale_grad, MASTER, STOCHASTIC, False,
-            )  # fmt: skip
+@triton.jit
+def _mu(step, h):
+    return h[4] * (1.0 - 0.5 * pow64(0.96, step * h[5]))  # beta1 * (1 - 0.5 * 0.96 ** (step * momentum_decay))
 
 
-def nadam_step(
-    tables: Tables,
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
-    *,
-    param_dtype: torch.dtype,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    decoupled: bool,
-    maximize: bool,
-    momentum_decay: float,
-    step_scalars: tuple[float, float, float] | torch.Tensor,
-    features: Features,
-    mu_product: torch.Tensor | None,
-    num_warps: int,
-) -> None:
-    """One NAdam step; ``step_scalars`` holds (1 - beta2**step, grad coefficient, exp_avg coefficient)
-    (host step counts; with device step counts and ``mu_product`` the kernel computes them)."""
-    if features.steps is not None:
-        step_scalars = (1.0, 0.0, 0.0)
-    step_table, step_bits, per_tensor = step_args(step_scalars, 3, tables)
-    common, common_bits, common_flags = feature_args(features, lr, tables.tensor_table)
-    args = (
-        exp_avg,
-        exp_avg_sq,
-        step_table,
-        tables.tensor_table if mu_product is None else mu_product,
-        *common,
-        float_bits(1.0 - lr * weight_decay if decoupled else weight_decay),
-        float_bits(1.0 - beta1),
-        float_bits(beta2),
-        float_bits(1.0 - beta2),
-        float_bits(eps),
-        *step_bits,
-        float_bits(beta1),
-        float_bits(weight_decay),
-        float_bits(momentum_decay),
-        *common_bits,
-    )
-    constexprs = {
-        "P_DTYPE": triton_dtype(param_dtype),
-        "S_DTYPE": triton_dtype(exp_avg.dtype),
-        "C_DTYPE": compute_dtype(param_dtype),
-        "WEIGHT_DECAY": weight_decay != 0,
-        "DECOUPLED": decoupled,
-        "MAXIMIZE": maximize,
-        "PER_TENSOR_STEP": per_tensor,
-        **common_flags,
-    }
-    launch(_nadam_kernel, tables, args, constexprs, num_warps)
+@triton.jit
+def nadam_advance(mu_product, step, h):
+    return mu_product * _mu(step, h).to(mu_product.dtype)  # mu_product *= mu, in its dtype
+
+
+@triton.jit
+def nadam_scalars(step, mu_product, lr, h, O0, O1, O2):
+    mu = _mu(step, h)
+    mu_next = _mu(step + 1.0, h)
+    bc2 = 1.0 - pow64(h[1], step)
+    grad_coef = -lr * (1.0 - mu) / (1.0 - mu_product)
+    avg_coef = (-lr * mu_next) / (1.0 - mu_product * mu_next)
+    return bc2, grad_coef, avg_coef
+
+
+NADAM = Algorithm(
+    nadam_math, ("exp_avg", "exp_avg_sq"), n_hyper=6, n_step=3, device_scalars=nadam_scalars, advance_aux=nadam_advance
+)

@@ -1,213 +1,36 @@
-"""RMSprop, plain, centered and with momentum: one segment in one launch."""
+"""RMSprop, with momentum and the centered variant: the math of one block.
 
-# No `from __future__ import annotations`: see _tables.
-import torch
+h = (alpha, 1 - alpha, eps, momentum); O0 = MOMENTUM (momentum > 0), O1 = CENTERED. L2 weight decay
+and maximize are applied by the skeleton.
+"""
+
+# No `from __future__ import annotations`: see _jit.
 import triton
 import triton.language as tl
 
-from ._features import (
-    UNSPECIALIZED,
-    Features,
-    feature_args,
-    grad_multiplier,
-    load_grad,
-    load_param,
-    lr_value,
-    store_param,
-)
-from ._tables import (
-    Tables,
-    as_ptr,
-    compute_dtype,
-    decay_addcmul,
-    float_bits,
-    hp,
-    ieee_div,
-    ieee_sqrt,
-    jit_kernel,
-    launch,
-    locate,
-    prepare_grad,
-    region,
-    to_storage,
-    torch_lerp,
-    triton_dtype,
-)
-
-_SCALARS = ["neg_lr", "alpha", "alpha_w", "eps", "decay", "momentum", *UNSPECIALIZED]
+from ._jit import decay_addcmul, ieee_div, ieee_sqrt, torch_lerp
+from ._update import Algorithm
 
 
 @triton.jit
-def _rmsprop_block(
-    p_addr,  # param address (the grad has the same layout)
-    g_addr,  # grad address
-    square_avg,  # flat state
-    momentum_buffer,  # flat state (MOMENTUM)
-    grad_avg,  # flat state (CENTERED)
-    master,  # flat fp32 master copy (MASTER)
-    s_off,  # this tensor's offset in the flat state
-    offs,  # element offsets of this block within the tensor
-    numel,  # elements of the tensor
-    g_mult,  # grads are multiplied by this (1 / grad_scale * clip coefficient)
-    seed,  # stochastic rounding seed
-    neg_lr,  # -lr, in C_DTYPE like every scalar below
-    alpha,  # alpha
-    alpha_w,  # 1 - alpha
-    eps,  # eps
-    decay,  # weight_decay
-    momentum,  # momentum
-    P_DTYPE: tl.constexpr,
-    S_DTYPE: tl.constexpr,
-    C_DTYPE: tl.constexpr,
-    WEIGHT_DECAY: tl.constexpr,
-    MOMENTUM: tl.constexpr,
-    CENTERED: tl.constexpr,
-    MAXIMIZE: tl.constexpr,
-    SCALE_GRAD: tl.constexpr,
-    MASTER: tl.constexpr,
-    STOCHASTIC: tl.constexpr,
-    FULL: tl.constexpr,  # an unmasked block of 16-byte-aligned tensors: 128-bit accesses
-):
-    p_ptr = as_ptr(p_addr, P_DTYPE, FULL)
-    g_ptr = as_ptr(g_addr, P_DTYPE, FULL)
-    sq_ptr = region(square_avg, s_off, FULL)
-    buf_ptr = region(momentum_buffer, s_off, FULL)
-    ga_ptr = region(grad_avg, s_off, FULL)
-    w_ptr = region(master, s_off, FULL)
-    mask = None if FULL else offs < numel
-    p = load_param(p_ptr, w_ptr, offs, mask, C_DTYPE, MASTER)
-    g = load_grad(g_ptr, offs, mask, g_mult, C_DTYPE, SCALE_GRAD)
-    sq = tl.load(sq_ptr + offs, mask=mask).to(C_DTYPE)
-    p, g = prepare_grad(p, g, decay, MAXIMIZE, WEIGHT_DECAY, False)
-    sq = decay_addcmul(sq, g, alpha, alpha_w)  # square_avg.mul_(alpha).addcmul_(grad, grad, value=1 - alpha)
-    tl.store(sq_ptr + offs, to_storage(sq, S_DTYPE), mask=mask)
+def rmsprop_math(p, g, s, fresh, lr, h, k, MOMENTUM: tl.constexpr, CENTERED: tl.constexpr, O2, C_DTYPE: tl.constexpr):
+    square_avg, buf, grad_avg = s
+    alpha, alpha_w, eps, momentum = h
+    # square_avg.mul_(alpha).addcmul_(grad, grad, value=1 - alpha)
+    square_avg = decay_addcmul(square_avg, g, alpha, alpha_w)
     if CENTERED:
-        ga = torch_lerp(tl.load(ga_ptr + offs, mask=mask).to(C_DTYPE), g, alpha_w)  # grad_avg.lerp_(grad, 1 - alpha)
-        tl.store(ga_ptr + offs, to_storage(ga, S_DTYPE), mask=mask)
-        avg = ieee_sqrt(tl.fma(-ga, ga, sq), C_DTYPE)  # square_avg.addcmul(grad_avg, grad_avg, value=-1).sqrt_()
+        grad_avg = torch_lerp(grad_avg, g, alpha_w)  # grad_avg.lerp_(grad, 1 - alpha)
+        # square_avg.addcmul(grad_avg, grad_avg, value=-1).sqrt_()
+        avg = ieee_sqrt(tl.fma(-grad_avg, grad_avg, square_avg), C_DTYPE)
     else:
-        avg = ieee_sqrt(sq, C_DTYPE)
+        avg = ieee_sqrt(square_avg, C_DTYPE)  # square_avg.sqrt()
     avg = avg + eps
     if MOMENTUM:
-        buf = tl.load(buf_ptr + offs, mask=mask).to(C_DTYPE)
         buf = buf * momentum + ieee_div(g, avg, C_DTYPE)  # buf.mul_(momentum).addcdiv_(grad, avg)
-        tl.store(buf_ptr + offs, to_storage(buf, S_DTYPE), mask=mask)
-        p = tl.fma(neg_lr, buf, p)  # param.add_(buf, alpha=-lr)
+        p = tl.fma(-lr, buf, p)  # param.add_(buf, alpha=-lr)
     else:
-        p = p + ieee_div(neg_lr * g, avg, C_DTYPE)  # param.addcdiv_(grad, avg, value=-lr)
-    store_param(p_ptr, w_ptr, p, offs, mask, seed, s_off + offs, P_DTYPE, MASTER, STOCHASTIC)
+        p = p + ieee_div(-lr * g, avg, C_DTYPE)  # param.addcdiv_(grad, avg, value=-lr)
+    return p, (square_avg, buf, grad_avg)
 
 
-@jit_kernel(unspecialized=_SCALARS)
-def _rmsprop_kernel(
-    tensor_table,  # *i64 [n, ROW]: param/grad addresses, state offset, numel, vector end, flags
-    block_table,  # *i64 [n_blocks]: tensor index << 32 | block index in the tensor
-    square_avg,  # flat state: running average of squared grads
-    momentum_buffer,  # flat state (MOMENTUM), else any tensor
-    grad_avg,  # flat state: running average of grads (CENTERED), else any tensor
-    steps,  # device step counts (unused: no step-dependent scalars); this and the next five: _features
-    lr_ptr,
-    grad_scale,
-    found_inf,
-    clip_coef,
-    master,
-    neg_lr: tl.int64,  # -lr, as float_bits
-    alpha: tl.int64,  # alpha
-    alpha_w: tl.int64,  # 1 - alpha
-    eps: tl.int64,  # eps
-    decay: tl.int64,  # weight_decay
-    momentum: tl.int64,  # momentum
-    lr: tl.int64,  # lr (device lr)
-    seed: tl.int64,  # stochastic rounding seed
-    P_DTYPE: tl.constexpr,  # param and grad element type
-    S_DTYPE: tl.constexpr,  # state element type
-    C_DTYPE: tl.constexpr,  # math type: fp32, or fp64 for fp64 params
-    WEIGHT_DECAY: tl.constexpr,  # weight_decay != 0
-    MOMENTUM: tl.constexpr,  # momentum > 0
-    CENTERED: tl.constexpr,
-    MAXIMIZE: tl.constexpr,
-    DEVICE_STEP: tl.constexpr,
-    LR_ON_DEVICE: tl.constexpr,
-    HAS_GRAD_SCALE: tl.constexpr,
-    HAS_FOUND_INF: tl.constexpr,
-    HAS_CLIP: tl.constexpr,
-    MASTER: tl.constexpr,
-    STOCHASTIC: tl.constexpr,
-    BLOCK: tl.constexpr,  # elements per program
-):
-    _, offs, p_addr, g_addr, s_off, numel, full = locate(tensor_table, block_table, BLOCK)
-    if HAS_FOUND_INF:
-        go = tl.load(found_inf) == 0
-    else:
-        go = True
-    if go:  # AMP: a step with inf/nan grads changes nothing
-        if LR_ON_DEVICE:
-            neg_lr_c = (-lr_value(lr, lr_ptr, True)).to(C_DTYPE)
-        else:
-            neg_lr_c = hp(neg_lr, C_DTYPE)
-        g_mult = grad_multiplier(grad_scale, clip_coef, HAS_GRAD_SCALE, HAS_CLIP)
-        alpha_c = hp(alpha, C_DTYPE)
-        alpha_w_c = hp(alpha_w, C_DTYPE)
-        eps_c = hp(eps, C_DTYPE)
-        decay_c = hp(decay, C_DTYPE)
-        momentum_c = hp(momentum, C_DTYPE)
-        scale_grad = HAS_GRAD_SCALE or HAS_CLIP
-        if full:
-            _rmsprop_block(
-                p_addr, g_addr, square_avg, momentum_buffer, grad_avg, master, s_off, offs, numel, g_mult, seed,
-                neg_lr_c, alpha_c, alpha_w_c, eps_c, decay_c, momentum_c,
-                P_DTYPE, S_DTYPE, C_DTYPE, WEIGHT_DECAY, MOMENTUM, CENTERED, MAXIMIZE, scale_grad, MASTER, STOCHASTIC,
-                True,
-            )  # fmt: skip
-        else:  # a tensor's last block, or a tensor whose address is not 16-byte aligned
-            _rmsprop_block(
-                p_addr, g_addr, square_avg, momentum_buffer, grad_avg, master, s_off, offs, numel, g_mult, seed,
-                neg_lr_c, alpha_c, alpha_w_c, eps_c, decay_c, momentum_c,
-                P_DTYPE, S_DTYPE, C_DTYPE, WEIGHT_DECAY, MOMENTUM, CENTERED, MAXIMIZE, scale_grad, MASTER, STOCHASTIC,
-                False,
-            )  # fmt: skip
-
-
-def rmsprop_step(
-    tables: Tables,
-    square_avg: torch.Tensor,
-    momentum_buffer: torch.Tensor | None,
-    grad_avg: torch.Tensor | None,
-    *,
-    param_dtype: torch.dtype,
-    lr: float,
-    alpha: float,
-    eps: float,
-    weight_decay: float,
-    momentum: float,
-    centered: bool,
-    maximize: bool,
-    features: Features,
-    num_warps: int,
-) -> None:
-    """One RMSprop step over a segment."""
-    common, common_bits, common_flags = feature_args(features, lr, tables.tensor_table)
-    args = (
-        square_avg,
-        square_avg if momentum_buffer is None else momentum_buffer,
-        square_avg if grad_avg is None else grad_avg,
-        *common,
-        float_bits(-lr),
-        float_bits(alpha),
-        float_bits(1.0 - alpha),
-        float_bits(eps),
-        float_bits(weight_decay),
-        float_bits(momentum),
-        *common_bits,
-    )
-    constexprs = {
-        "P_DTYPE": triton_dtype(param_dtype),
-        "S_DTYPE": triton_dtype(square_avg.dtype),
-        "C_DTYPE": compute_dtype(param_dtype),
-        "WEIGHT_DECAY": weight_decay != 0,
-        "MOMENTUM": momentum > 0,
-        "CENTERED": centered,
-        "MAXIMIZE": maximize,
-        **common_flags,
-    }
-    launch(_rmsprop_kernel, tables, args, constexprs, num_warps)
+RMSPROP = Algorithm(rmsprop_math, ("square_avg", "momentum_buffer", "grad_avg"), n_hyper=4)

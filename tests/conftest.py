@@ -24,3 +24,36 @@ def device() -> torch.device:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def floor_versions() -> dict[str, str]:
+    """The lowest torch and Triton pyproject.toml claims to support (``torch>=2.7`` -> ``2.7``)."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
+    return dict(re.findall(r'"(torch|triton)>=([\d.]+)"', text))
+
+
+@pytest.fixture(scope="session")
+def floor_python() -> str:
+    """A Python whose Triton is the lowest version fused_optim supports (everything else, torch and
+    fused_optim included, from this environment): a virtual environment made once, then reused
+    from ~/.cache (or $FUSED_OPTIM_FLOOR_ENV). Needs the package registry the first time."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    version = floor_versions()["triton"]
+    version = version if version.count(".") == 2 else version + ".0"
+    default = Path.home() / ".cache" / "fused_optim" / f"triton-{version}"
+    root = Path(os.environ.get("FUSED_OPTIM_FLOOR_ENV", default))
+    python = root / "bin" / "python"
+    probe = [str(python), "-c", "import triton, fused_optim; print(triton.__version__)"]
+    found = subprocess.run(probe, capture_output=True, text=True, check=False) if python.exists() else None
+    if found is None or found.returncode != 0 or found.stdout.strip() != version:
+        subprocess.run([sys.executable, "-m", "venv", "--clear", "--system-site-packages", str(root)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "--quiet", f"triton=={version}"], check=True)
+        found = subprocess.run(probe, capture_output=True, text=True, check=True)
+    assert found.stdout.strip() == version, found.stdout
+    return str(python)

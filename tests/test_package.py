@@ -73,3 +73,39 @@ def test_readme_quick_start_and_ci_agree():
 def test_version_matches_pyproject():
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert f'version = "{fused_optim.__version__}"' in pyproject
+
+
+FLOOR_RUN = """
+import os
+os.environ["TRITON_INTERPRET"] = "1"
+import torch, triton, fused_optim
+from algorithms import ALGORITHMS
+
+print(triton.__version__)
+for name, configs in {"Adam": None, "AdamW": None, **ALGORITHMS}.items():
+    kwargs = configs[-1].kwargs if configs else {"amsgrad": True, "weight_decay": 0.1}
+    torch.manual_seed(0)
+    params = [torch.randn(33, 5, requires_grad=True), torch.randn(1100, requires_grad=True)]
+    ref = [p.detach().clone().requires_grad_() for p in params]
+    ours, theirs = getattr(fused_optim, name)(params, **kwargs), getattr(torch.optim, name)(ref, foreach=False, **kwargs)
+    for _ in range(3):
+        for p, q in zip(params, ref):
+            q.grad = torch.randn_like(q)
+            p.grad = q.grad.clone()
+        ours.step()
+        theirs.step()
+    for p, q in zip(params, ref):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name} {kwargs}: {m}")
+"""
+
+
+def test_the_lowest_supported_triton_runs_every_algorithm(floor_python):
+    """The floor in pyproject.toml is checked: with the lowest supported Triton, every algorithm (its
+    configuration with every option) runs through the interpreter and matches torch.optim. (The
+    PTX tests compile every kernel variant with it too.)"""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
+    out = subprocess.run([floor_python, "-c", FLOOR_RUN], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    from conftest import floor_versions
+
+    assert out.stdout.split()[0].startswith(floor_versions()["triton"]), out.stdout

@@ -1,0 +1,160 @@
+"""Checks: everything that can fail is checked for every group before the first param changes.
+
+Arguments are checked by torch.optim's own code (same errors, same messages, for the installed
+torch); options, grads and state are checked whenever a group's cached plan misses, and a
+checkpoint is checked before torch's ``load_state_dict`` modifies anything.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from . import _dtensor
+from ._fallback import uses_triton
+from ._segments import COMPLEX_DTYPES, REAL_DTYPES, real_dtype
+
+
+def check_like_torch(torch_cls, **kwargs) -> None:
+    """Run ``torch_cls``'s own argument checks, raising its errors with its messages for the
+    installed torch version, by building it over a placeholder parameter. Arguments that this
+    torch version does not know are left out."""
+    accepted = inspect.signature(torch_cls.__init__).parameters
+    torch_cls([torch.zeros(0, requires_grad=True)], **{k: v for k, v in kwargs.items() if k in accepted})
+
+
+def check_extensions(options: dict) -> None:
+    """fused_optim's own arguments (``master_weights``, ``stochastic_rounding``, ``state_dtype``,
+    ``max_grad_norm``)."""
+    if options["state_dtype"] is not None and options["state_dtype"] not in REAL_DTYPES:
+        raise ValueError(
+            f"Invalid state_dtype: {options['state_dtype']} (choose among {', '.join(map(str, REAL_DTYPES))})"
+        )
+    if options["master_weights"] and options["stochastic_rounding"]:
+        raise ValueError("master_weights and stochastic_rounding are exclusive: the master copy keeps full precision")
+    if options["max_grad_norm"] is not None and not options["max_grad_norm"] > 0:
+        raise ValueError(f"Invalid max_grad_norm value: {options['max_grad_norm']}")
+
+
+class ChecksMixin:
+    """The checks of ``FusedOptimizer``."""
+
+    def _check_options(self, group) -> None:
+        name = type(self).__name__
+        if group.get("differentiable"):
+            raise NotImplementedError(f"fused_optim.{name} does not implement differentiable=True")
+        if group.get("capturable") and "capturable" not in inspect.signature(self._torch_cls.__init__).parameters:
+            raise NotImplementedError(f"fused_optim.{name} does not implement capturable=True")
+        if group.get("capturable"):
+            # lr is read by the kernels; other hyperparameters are read on the host, which a tensor
+            # on an accelerator would turn into a sync (and a failed CUDA graph capture)
+            for key, value in group.items():
+                values = value if isinstance(value, (tuple, list)) and key != "params" else (value,)
+                if key != "lr" and any(isinstance(v, torch.Tensor) and v.device.type != "cpu" for v in values):
+                    raise NotImplementedError(
+                        f"fused_optim.{name} with capturable=True takes {key} as floats or CPU tensors, "
+                        "not as tensors on an accelerator (only lr may be one)"
+                    )
+
+    def _validate(self, index: int, group, grads) -> None:
+        name = type(self).__name__
+        params = group["params"]
+        if len({id(p) for p in params}) != len(params):
+            raise NotImplementedError(f"fused_optim.{name}: a param group lists the same parameter twice")
+        sparse = False
+        for i, (p, g) in enumerate(zip(params, grads)):
+            where = f"parameter {i} of param group {index}"
+            if g is not None and g.layout != torch.strided:
+                if not self._sparse_ok:
+                    raise RuntimeError(self._sparse_error)
+                sparse = True
+            if p.dtype not in REAL_DTYPES and p.dtype not in COMPLEX_DTYPES:
+                raise NotImplementedError(
+                    f"fused_optim.{name}: {where} has dtype {p.dtype}; "
+                    "supported are float32, float64, float16, bfloat16, complex64 and complex128"
+                )
+            if self.options["stochastic_rounding"] and p.dtype == torch.float16:
+                raise NotImplementedError(
+                    f"fused_optim.{name}: stochastic_rounding rounds to bfloat16; {where} is float16 "
+                    "(use master_weights=True for fp16 params)"
+                )
+            q = p if _dtensor.is_dtensor(g) else _dtensor.local(p)  # grads of DTensors arrive as local shards
+            if g is not None and (g.dtype != q.dtype or g.shape != q.shape or g.device != q.device):
+                raise RuntimeError(
+                    f"fused_optim.{name}: the grad of {where} ({g.dtype}, {tuple(g.shape)}, {g.device}) "
+                    f"does not match the parameter ({q.dtype}, {tuple(q.shape)}, {q.device})"
+                )
+            if not uses_triton(p.device):
+                self._check_fallback(group, p, where)
+            state = self.state.get(p)
+            if state:
+                self._check_state(state, p, group, where)
+        if sparse:
+            self._check_sparse(group)
+
+    def _check_fallback(self, group, p: torch.Tensor, where: str) -> None:
+        """Options torch.optim's implementation (devices the kernels do not run on) cannot honour."""
+        dtype = real_dtype(p.dtype)
+        keys = self._key_dtypes(group, dtype)
+        master = "master_param" in keys
+        if self.options["stochastic_rounding"] and dtype == torch.bfloat16:
+            option = "stochastic_rounding"
+        elif not master and any(dt != dtype for dt in keys.values()):
+            option = f"state_dtype={self.options['state_dtype']}"
+        else:
+            return
+        raise NotImplementedError(
+            f"fused_optim.{type(self).__name__}: {option} needs the Triton kernels, which do not run on "
+            f"{p.device} ({where}): use CUDA, or set TRITON_INTERPRET=1 before importing fused_optim to run "
+            "them on CPU through Triton's interpreter"
+        )
+
+    def _check_state(self, state: dict, p: torch.Tensor, group, where: str) -> None:
+        """Raise a clear error if ``state`` cannot serve as ``p``'s state under ``group``'s options."""
+        for key in self._scalar_state:
+            value = state.get(key)
+            if value is None:
+                raise ValueError(f"state of {where} has no {key!r}")
+            if isinstance(value, torch.Tensor) and value.numel() != 1:
+                raise ValueError(f"state {key!r} of {where} must hold one value, got shape {tuple(value.shape)}")
+        optional = {*self._fresh_keys(group), "master_param"}  # first step / made from the param
+        for key in self._key_dtypes(group, real_dtype(p.dtype)):
+            value = state.get(key)
+            if value is None and key in optional:
+                continue
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(f"state of {where} has no tensor {key!r} (found {type(value).__name__})")
+            if value.shape != p.shape or value.is_complex() != p.is_complex():
+                raise ValueError(
+                    f"state {key!r} of {where} has shape {tuple(value.shape)} and dtype {value.dtype}, "
+                    f"but the parameter has shape {tuple(p.shape)} and dtype {p.dtype}"
+                )
+            mine, its = _dtensor.local(value).shape, _dtensor.local(p).shape
+            if mine != its:  # a DTensor param needs its state sharded alike
+                raise ValueError(
+                    f"state {key!r} of {where} holds a local shard of shape {tuple(mine)}, but the parameter's "
+                    f"local shard has shape {tuple(its)} (placements {getattr(value, 'placements', None)} vs "
+                    f"{getattr(p, 'placements', None)})"
+                )
+
+    def _check_loadable(self, state_dict) -> None:
+        """Runs as the last pre-hook of ``load_state_dict``: it sees the dict the user's hooks made
+        and rejects it before torch modifies anything."""
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups) or any(
+            len(s["params"]) != len(g["params"]) for s, g in zip(saved_groups, self.param_groups)
+        ):
+            return  # torch raises its own error for these, before modifying anything
+        loaded = {}
+        for index, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            options = {**group, **{k: v for k, v in saved.items() if k != "params"}}
+            self._check_options(options)
+            for i, (pid, p) in enumerate(zip(saved["params"], group["params"])):
+                state = state_dict["state"].get(pid)
+                if state:
+                    self._check_state(state, p, options, where=f"parameter {i} of param group {index}")
+                    loaded[id(p)] = state
+        # torch casts loaded state to the param dtype; adoption copies from these originals, so
+        # fp32 moments and master copies of bf16 params keep their precision
+        self._loaded = loaded

@@ -1,0 +1,59 @@
+"""DTensor params (FSDP2, tensor parallel): the kernels run on each rank's local shard.
+
+A DTensor param's state is a DTensor placed like the param; its grads are read as local shards;
+its share of a global grad norm is reduced over the mesh dims its placements shard.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # built without distributed
+    DTensor = None
+
+PARTIAL = ("partial",)  # norm class of a param with a Partial placement: not clipped
+
+
+def is_dtensor(t) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def local(t):
+    """The tensor the kernels work on: a DTensor's local shard, or the tensor itself."""
+    return t._local_tensor if is_dtensor(t) else t
+
+
+def like_param(local_tensor: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``local_tensor`` (shaped like ``param``'s local shard) as ``param`` is seen: a DTensor with
+    its mesh and placements for a DTensor param, else ``local_tensor`` itself."""
+    if not is_dtensor(param):
+        return local_tensor
+    return DTensor.from_local(
+        local_tensor, param.device_mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride()
+    )
+
+
+def real(t: torch.Tensor) -> torch.Tensor:
+    """Complex tensors are updated as their real view, as torch.optim does; DTensors as their
+    local shard."""
+    t = local(t)
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def mesh_device(mesh) -> torch.device:
+    if mesh.device_type == "cpu":
+        return torch.device("cpu")
+    return torch.device(mesh.device_type, getattr(torch, mesh.device_type).current_device())
+
+
+def norm_class(p):
+    """How a param's share of a global grad norm is combined across ranks: None for a plain
+    tensor (or a replicated DTensor), else (mesh, the mesh dims its placements shard)."""
+    if not is_dtensor(p):
+        return None
+    if any(placement.is_partial() for placement in p.placements):
+        return PARTIAL
+    dims = tuple(dim for dim, placement in enumerate(p.placements) if not placement.is_replicate())
+    return (p.device_mesh, dims) if dims else None

@@ -1,0 +1,210 @@
+"""Cached plans: each group's segments, launches and device tables, rebuilt only when needed.
+
+Phase 1 of every ``step()``: for each param group, the cached plan if the params' and grads'
+storages, the group's options and the state are unchanged (or only grads moved: the tables are
+repointed), else the group is checked in full (raising before any param changes) and its
+segments and plan are rebuilt, adopting whatever the state now holds.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import _dtensor
+from ._fallback import uses_triton, warn_fallback
+from ._segments import GroupCache, Launch, Plan, Segment, as_float, is_dense_grad, launch_tables, real_dtype
+from ._state import ParamState, TrackedState
+from .kernels._tables import repoint_grads
+
+_data_ptr = torch.Tensor.data_ptr
+
+
+class PlansMixin:
+    """The plan cache of ``FusedOptimizer`` (``self._caches``: group index -> ``GroupCache``)."""
+
+    def _plans(self):
+        """A checked plan for every group, rebuilt where the cache misses: [(plan, grads, pkey, gkey)]."""
+        if not isinstance(self.state, TrackedState) or self.state._tracker is not self._tracker:
+            self._reset_engine()  # the state container itself was replaced
+        work = [self._prepare(i, group) for i, group in enumerate(self.param_groups)]
+        if self._tracker.dirty or any(plan is None for plan, _, _, _ in work):
+            self._rebuild(work)
+        return work
+
+    def _prepare(self, index: int, group):
+        """(cached plan or None, grads, pkey, gkey) for one group; validates whenever the cache misses."""
+        self._check_options(group)
+        params = group["params"]
+        grads = [p.grad for p in params]
+        try:
+            pkey = tuple(map(_data_ptr, params))
+        except RuntimeError:
+            pkey = None
+        if pkey is not None and 0 in pkey:  # a DTensor (its data_ptr is 0), or an empty tensor
+            pkey = tuple(_data_ptr(_dtensor.local(p)) for p in params)
+            grads = [None if g is None else _dtensor.local(g) for g in grads]
+        try:
+            gkey = tuple(map(_data_ptr, grads))  # fails on a None or sparse grad
+        except (TypeError, RuntimeError):
+            # -2: no grad (an empty grad's address is 0), -1: sparse
+            gkey = tuple(-2 if g is None else -1 if g.layout != torch.strided else g.data_ptr() for g in grads)
+        cache = self._caches.get(index)
+        plan = cache.plan if cache is not None and cache.group is group else None
+        if (
+            plan is not None
+            and not self._tracker.dirty
+            and plan.pkey == pkey
+            and plan.keys == self._signature(group)
+            and (plan.gkey == gkey or _regrad(plan, grads, gkey))
+        ):
+            return plan, grads, pkey, gkey
+        self._validate(index, group, grads)
+        return None, grads, pkey, gkey
+
+    def _rebuild(self, work) -> None:
+        relayout = self._tracker.dirty
+        for index, (group, (plan, grads, pkey, gkey)) in enumerate(zip(self.param_groups, work)):
+            if plan is None or relayout:
+                self._layout(index, group, grads)
+                fresh = self._caches[index].plan = self._plan(index, group, grads, pkey, gkey)
+                work[index] = (fresh, grads, pkey, gkey)
+        self._tracker.dirty = False
+
+    def _layout(self, index: int, group, grads, everyone: bool = False) -> None:
+        """(Re)build the segments of a group: its members are the params with a dense grad or with
+        state (or all of them, ``everyone``). Params whose state torch keeps sparse (SGD's momentum
+        after sparse grads) stay outside, with torch's own tensors."""
+        cache = self._caches.get(index)
+        if cache is None or cache.group is not group:
+            cache = self._caches[index] = GroupCache(group)
+        signature = self._signature(group)
+        params = group["params"]
+        members: dict[tuple, list[int]] = {}
+        for i, p in enumerate(params):
+            grad = grads[i] if grads is not None else None
+            state = self.state.get(p)
+            sparse_state = state and any(
+                isinstance(v, torch.Tensor) and v.layout != torch.strided for v in state.values()
+            )
+            if everyone or is_dense_grad(grad) or (state and not sparse_state):
+                members.setdefault((p.device, real_dtype(p.dtype)), []).append(i)
+        segments = {}
+        for key, positions in members.items():
+            seg = cache.segments.get(key)
+            same = (
+                seg is not None
+                and not self._tracker.dirty
+                and cache.signature == signature
+                and len(seg.members) == len(positions)
+                and all(m is params[i] for m, i in zip(seg.members, positions))
+                and all(
+                    _dtensor.real(m).stride() == st or not d for m, st, d in zip(seg.members, seg.strides, seg.dense)
+                )
+            )
+            segments[key] = seg if same else self._new_segment(group, key, [params[i] for i in positions], positions)
+        cache.segments = segments
+        cache.norm_classes = list(dict.fromkeys(map(_dtensor.norm_class, params)))
+        cache.signature = signature
+        cache.plan = None
+
+    def _new_segment(self, group, key, members, positions) -> Segment:
+        """A segment whose flat state starts from what ``self.state`` (or a checkpoint being loaded)
+        holds for its members, initialized as torch would where it holds nothing."""
+        _, dtype = key
+        key_dtypes = self._key_dtypes(group, dtype)
+        fresh_keys = self._fresh_keys(group)
+        stochastic = self.options["stochastic_rounding"] and dtype == torch.bfloat16
+        seg = Segment(key, members, positions, key_dtypes, self._scalar_state, self._device_steps(group), stochastic)
+        scalar_values = {k: [] for k in self._scalar_state}
+        tracker = self._tracker
+        for i, p in enumerate(members):
+            old = self.state.get(p) or {}
+            source = self._loaded.get(id(p), old)  # a loaded checkpoint, before torch cast it
+            for k in key_dtypes:
+                src = source.get(k)
+                region = seg.region(i, k)
+                if src is not None:
+                    region.copy_(_dtensor.real(src.to_dense() if src.layout != torch.strided else src))
+                elif k == "master_param":
+                    region.copy_(_dtensor.real(p))
+                elif k in fresh_keys:
+                    seg.fresh.add(i)  # the kernel writes it on this param's first step
+                else:
+                    self._init_region(group, k, region, p)
+            for k, initial in self._scalar_state.items():
+                scalar_values[k].append(as_float(source[k]) if k in source else initial)
+            new = ParamState(tracker)
+            for k in self._scalar_state:
+                dict.__setitem__(new, k, seg.scalars[k][i])
+            for k in key_dtypes:
+                dict.__setitem__(new, k, seg.view(i, k))
+            for k, v in old.items():  # keep keys this configuration does not use
+                if k not in new:
+                    dict.__setitem__(new, k, v)
+            if new:  # no empty entries: torch.optim.SGD without momentum keeps no state at all
+                dict.__setitem__(self.state, p, new)
+        for k, values in scalar_values.items():
+            seg.scalars[k].copy_(torch.tensor(values, dtype=seg.scalars[k].dtype))
+        return seg
+
+    def _plan(self, index: int, group, grads, pkey, gkey) -> Plan:
+        launches = []
+        for seg in self._caches[index].segments.values():
+            rows = np.asarray([i for i, g in enumerate(seg.group_index) if is_dense_grad(grads[g])], dtype=np.int64)
+            if len(rows) == 0:
+                continue
+            launch = Launch(seg, rows, len(rows) == len(seg.members), None)
+            if uses_triton(seg.device):
+                launch.tables = launch_tables(launch, grads, self._num_warps)
+            else:
+                warn_fallback(seg.device)
+            launches.append(launch)
+        # Sparse grads (where the algorithm allows them) take torch's own code, param by param.
+        sparse = [i for i, g in enumerate(grads) if g is not None and g.layout != torch.strided]
+        # For grads that move later (_regrad): each position's launch, its row in the tensor table
+        # (-1: staged or no table) and the metadata of the grad this plan was checked with.
+        where = {}
+        for launch in launches:
+            staged = {pos for pos, _ in launch.stage_grads}
+            for j, i in enumerate(launch.rows.tolist()):
+                pos = int(launch.seg.group_index[i])
+                g = grads[pos]
+                row = -1 if launch.tables is None or pos in staged else j
+                where[pos] = (launch, row, (g.dtype, g.device, g.shape, g.stride()))
+        return Plan(pkey, gkey, self._signature(group), launches, sparse, where)
+
+
+def _regrad(plan: Plan, grads, gkey) -> bool:
+    """The cached plan with only grad storage changed (autograd allocated new grads, as after
+    ``zero_grad(set_to_none=True)`` when the allocator hands out other addresses): point the
+    tables at the new grads and keep the rest. Each moved grad must match the one the plan was
+    checked with in dtype, device, shape and strides, so every check and layout decision still
+    holds. Otherwise (a grad appeared, vanished, turned sparse or changed) False, having
+    changed nothing: the full check then runs and raises where torch would."""
+    old = plan.gkey
+    if len(old) != len(gkey):
+        return False
+    moved: dict = {}  # id(launch) -> (launch, [row], [new address])
+    for i, (a, b) in enumerate(zip(old, gkey)):
+        if a == b:
+            continue
+        if a <= 0 or b <= 0:  # -2: no grad, -1: sparse, 0: empty
+            return False
+        launch, j, meta = plan.where[i]
+        g = grads[i]
+        if g.dtype != meta[0] or g.device != meta[1] or g.shape != meta[2] or g.stride() != meta[3]:
+            return False
+        if launch.tables is None or j < 0:
+            continue  # torch's implementation, or a staging copy, reads the grad where it is now
+        entry = moved.setdefault(id(launch), (launch, [], []))
+        entry[1].append(j)
+        entry[2].append(b)
+    if any(launch.seg.device.type == "cuda" for launch, _, _ in moved.values()) and (
+        torch.cuda.is_current_stream_capturing()
+    ):
+        return False  # no host-to-device copy inside a graph capture: the full path decides
+    for launch, rows, addrs in moved.values():
+        repoint_grads(launch.tables, np.asarray(rows, dtype=np.int64), np.asarray(addrs, dtype=np.int64))
+    plan.gkey = gkey
+    return True

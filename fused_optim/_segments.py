@@ -1,0 +1,201 @@
+"""Segments and their layout: the flat state a segment owns, and one step's work on it.
+
+A *segment* is the params of one param group that share device and (real) dtype. Per segment
+the optimizer owns one flat buffer per state key; ``state[p][key]`` is a view into it, with
+``p``'s shape and strides, so ``state_dict()`` has torch's layout. Step counts live in one flat
+buffer per segment (on the host, or on the device for capturable and AMP steps), and
+``state[p]["step"]`` is a 0-dim view into it: advancing 1,000 steps is one tensor op.
+
+A *launch* is one segment's work in one step (the members with a grad, and their device
+tables); a *plan* is a group's launches, cached while the params' and grads' storages stay put.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from . import _dtensor
+from .kernels._features import Features
+from .kernels._tables import ALIGN, FLAG_FRESH, Tables, block_size, build_tables
+
+REAL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+COMPLEX_DTYPES = {torch.complex64: torch.float32, torch.complex128: torch.float64}
+
+
+def real_dtype(dtype: torch.dtype) -> torch.dtype:
+    return COMPLEX_DTYPES.get(dtype, dtype)
+
+
+def _layout_dims(shape, strides):
+    return sorted((st, sz) for sz, st in zip(shape, strides) if sz != 1)
+
+
+def is_dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense: the elements fill ``numel`` consecutive slots in some order."""
+    if t.is_contiguous() or t.numel() == 0:
+        return True
+    expected = 1
+    for stride, size in _layout_dims(t.shape, t.stride()):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _contiguous_strides(shape) -> tuple[int, ...]:
+    strides, acc = [], 1
+    for size in reversed(shape):
+        strides.append(acc)
+        acc *= max(size, 1)
+    return tuple(reversed(strides))
+
+
+def same_layout(t: torch.Tensor, strides) -> bool:
+    """``t`` is dense and visits elements in the same memory order as a region with ``strides``."""
+    return is_dense(t) and _layout_dims(t.shape, t.stride()) == _layout_dims(t.shape, strides)
+
+
+def is_dense_grad(g) -> bool:
+    return g is not None and g.layout == torch.strided
+
+
+def as_float(x) -> float:
+    return float(x.item()) if isinstance(x, torch.Tensor) else float(x)
+
+
+def scalar_dtype() -> torch.dtype:
+    # torch.optim keeps step counts in float32, or float64 when that is the default dtype.
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+class Segment:
+    """Params of one group with one device and real dtype, and the flat state they own.
+
+    ``key_dtypes`` maps every tensor state key to its dtype (the param's, ``state_dtype``, or fp32
+    for the master copy). Scalar state (step counts) lives on the host and is advanced in numpy,
+    or, with ``device_step``, on the params' device, advanced by a kernel (capturable, AMP)."""
+
+    def __init__(self, key, members, group_index, key_dtypes: dict, scalar_keys, device_step: bool, stochastic: bool):
+        self.key = key
+        self.device, self.dtype = key
+        self.members = members
+        self.group_index = np.asarray(group_index, dtype=np.int64)  # position of each member in the group
+        self.tensor_keys = tuple(key_dtypes)
+        self.key_dtypes = dict(key_dtypes)
+        self.master = "master_param" in key_dtypes
+        self.stochastic = stochastic
+        self.device_step = device_step
+        self.shapes, self.strides, self.dense = [], [], []
+        offsets, numels, total = [], [], 0
+        for p in members:
+            real = _dtensor.real(p)
+            dense = is_dense(real)
+            self.shapes.append(tuple(real.shape))
+            # State regions copy p's memory order, so element k of p, its grad and its state
+            # share one flat index; a param that is not dense is staged through a contiguous copy.
+            self.strides.append(tuple(real.stride()) if dense else _contiguous_strides(real.shape))
+            self.dense.append(dense)
+            offsets.append(total)
+            numels.append(real.numel())
+            total += -(-real.numel() // ALIGN) * ALIGN
+        self.offsets = np.asarray(offsets, dtype=np.int64)
+        self.numels = np.asarray(numels, dtype=np.int64)
+        self.flat = {k: torch.zeros(total, dtype=dt, device=self.device) for k, dt in key_dtypes.items()}
+        # The narrowest element of the params and states sets the block size.
+        self.flat_itemsize = min([self.dtype.itemsize] + [f.dtype.itemsize for f in self.flat.values()])
+        scalar_device = self.device if device_step else torch.device("cpu")
+        self.scalars = {k: torch.zeros(len(members), dtype=scalar_dtype(), device=scalar_device) for k in scalar_keys}
+        self.scalars_np = {} if device_step else {k: v.numpy() for k, v in self.scalars.items()}
+        self.fresh: set[int] = set()  # members whose FRESH state the next launch writes
+        self.norm_classes = [_dtensor.norm_class(p) for p in members]  # for clipping across ranks
+        self.uniform_norm_class = len(set(self.norm_classes)) <= 1
+
+    def region(self, i: int, key: str) -> torch.Tensor:
+        """Member ``i``'s region of ``key`` in its real dtype and layout."""
+        return self.flat[key].as_strided(self.shapes[i], self.strides[i], int(self.offsets[i]))
+
+    def view(self, i: int, key: str) -> torch.Tensor:
+        """The tensor stored as ``state[member][key]``: shaped like the member (complex if it is)."""
+        region = self.region(i, key)
+        member = self.members[i]
+        return _dtensor.like_param(torch.view_as_complex(region) if member.is_complex() else region, member)
+
+
+@dataclass
+class Launch:
+    """One segment's work in one step: which members have grads, and the device tables."""
+
+    seg: Segment
+    rows: np.ndarray  # member indices with a grad this step
+    all_rows: bool
+    tables: Tables | None  # None: the segment's device runs torch's implementation
+    fresh: bool = False  # some rows carry FLAG_FRESH: the tables hold for this one step only
+    features: Features = field(default_factory=Features)  # AMP, clipping, master weights, ... (per step)
+    stage_params: list = field(default_factory=list)  # (member index, buffer)
+    stage_grads: list = field(default_factory=list)  # (group position, buffer)
+
+    def stage_in(self, grads) -> None:
+        """Copy grads (and params) that the kernels cannot address in place into their buffers."""
+        for pos, buf in self.stage_grads:
+            buf.copy_(_dtensor.real(grads[pos]))
+
+    def stage_params_in(self) -> None:
+        for i, buf in self.stage_params:
+            buf.copy_(_dtensor.real(self.seg.members[i]))
+
+    def stage_params_out(self) -> None:
+        for i, buf in self.stage_params:
+            _dtensor.real(self.seg.members[i]).copy_(buf)
+
+
+def launch_tables(launch: Launch, grads, num_warps: int) -> Tables:
+    """The device tables of a launch: each member's param and grad address (or a staging buffer
+    where the kernels cannot address it in place), its state offset and numel."""
+    seg, rows = launch.seg, launch.rows
+    n = len(rows)
+    p_addr = np.empty(n, dtype=np.int64)
+    g_addr = np.empty(n, dtype=np.int64)
+    for j, i in enumerate(rows.tolist()):
+        p = _dtensor.real(seg.members[i])
+        g = _dtensor.real(grads[seg.group_index[i]])
+        shape, strides = seg.shapes[i], seg.strides[i]
+        if seg.dense[i]:
+            p_addr[j] = p.data_ptr()
+        else:
+            buf = torch.empty_strided(shape, strides, dtype=seg.dtype, device=seg.device)
+            launch.stage_params.append((i, buf))
+            p_addr[j] = buf.data_ptr()
+        if same_layout(g, strides):
+            g_addr[j] = g.data_ptr()
+        else:
+            buf = torch.empty_strided(shape, strides, dtype=seg.dtype, device=seg.device)
+            launch.stage_grads.append((int(seg.group_index[i]), buf))
+            g_addr[j] = buf.data_ptr()
+    flags = np.asarray([FLAG_FRESH if i in seg.fresh else 0 for i in rows.tolist()], dtype=np.int64)
+    launch.fresh = bool(flags.any())
+    block = block_size(num_warps, seg.flat_itemsize)
+    return build_tables(p_addr, g_addr, seg.offsets[rows], seg.numels[rows], flags, rows, block, seg.device)
+
+
+@dataclass
+class Plan:
+    pkey: tuple
+    gkey: tuple
+    keys: tuple
+    launches: list
+    sparse: list  # group positions of params with sparse grads this step
+    where: dict = field(default_factory=dict)  # group position -> (launch, row in its tables, grad metadata)
+
+
+class GroupCache:
+    __slots__ = ("group", "norm_classes", "plan", "segments", "signature")
+
+    def __init__(self, group) -> None:
+        self.group = group
+        self.norm_classes: list = []  # distinct norm classes of the group's params, in order
+        self.segments: dict = {}
+        self.plan: Plan | None = None
+        self.signature: tuple | None = None

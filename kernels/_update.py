@@ -1,0 +1,407 @@
+"""The one update kernel: everything an optimizer step does that is not the algorithm.
+
+``_update_kernel`` locates its block (tensor, elements), skips the step when AMP found an inf,
+reads the hyperparameters and step scalars, unscales and clips the grad, loads the param (or
+its fp32 master copy) and the present states, applies maximize and weight decay, calls the
+algorithm's math, and stores the param (rounded, or stochastically rounded) and the states. Full
+blocks of 16-byte-aligned tensors take an unmasked path with 128-bit accesses; a tensor's last
+block, or any block of a misaligned tensor, takes the masked path.
+
+An algorithm is an ``Algorithm``: a ``@triton.jit`` math function passed to the kernel as a
+``tl.constexpr``, the names of its per-element states, and, where it has step-dependent scalars,
+a ``@triton.jit`` function that computes them on the device:
+
+* ``math(p, g, s, fresh, lr, h, k, O0, O1, O2, C_DTYPE) -> (p, s)`` updates one block: ``p``
+  and ``g`` (after maximize and weight decay), ``s`` the tuple of states in ``state_keys``
+  order (a state absent from this launch holds a placeholder that is neither loaded nor stored),
+  ``h`` the hyperparameters, ``k`` the step scalars, ``lr``, all in C_DTYPE; ``fresh`` is true on
+  a tensor's first step (``uses_fresh``); ``O0..O2`` its constexpr options.
+* ``device_scalars(step, aux, lr, h, O0, O1, O2) -> k`` the step scalars from float64 inputs,
+  as the host computes them from host step counts; ``advance_aux(aux, step, h) -> aux`` advances
+  a per-parameter scalar kept beside ``step`` (NAdam's mu_product).
+
+Step scalars come from the launch arguments when every tensor of the launch is at the same host
+step, else from a per-tensor float64 table ``[n, N_K + 3]`` whose columns are the ``N_K`` step
+scalars, lr, the decay factor and the step count. With step counts on the device (capturable,
+AMP) that table is written once per step by ``_advance_kernel``, so the update kernel itself never
+runs float64 transcendentals and never reads a device lr.
+
+Hyperparameters and step scalars sit in fixed, individually annotated ``tl.int64`` slots, never
+in tuples: Triton specializes tuple elements on their values whatever ``do_not_specialize``
+says, and an LR scheduler must never cause a recompilation.
+"""
+
+# No `from __future__ import annotations`: see _jit.
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from ._features import Features, feature_args, grad_multiplier, load_grad, load_param, store_param
+from ._jit import as_ptr, compute_dtype, float_bits, hp, region, to_storage, triton_dtype
+from ._tables import ROW, Tables, is_fresh, jit_kernel, launch, locate
+
+MAX_H = 6  # hyperparameter slots
+MAX_K = 4  # step-scalar slots
+MAX_O = 3  # algorithm option slots
+MASKED_PARTS = tl.constexpr(4)  # a masked block runs as this many parts (registers: see _update_kernel)
+EXTRA_COLS = 3  # per-tensor table columns after the step scalars: lr, decay, step
+_H = [f"h{i}" for i in range(MAX_H)]
+_K = [f"k{i}" for i in range(MAX_K)]
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """What the kernels need to know of one algorithm (see the module docstring)."""
+
+    math: object  # @triton.jit
+    state_keys: tuple[str, ...]  # every per-element state it may keep, in the order ``math`` sees them
+    n_hyper: int  # hyperparameters (``h``)
+    n_step: int = 0  # step scalars (``k``)
+    device_scalars: object = None  # @triton.jit, computing ``k`` on the device
+    advance_aux: object = None  # @triton.jit, advancing a per-parameter scalar besides ``step``
+    uses_fresh: bool = False  # state created from the first grad (FLAG_FRESH)
+
+
+@triton.jit
+def _block(
+    p_addr, g_addr, states, master, s_off, offs, numel, fresh, g_mult, seed, lr, decay, h, k,
+    MATH: tl.constexpr, LIVE: tl.constexpr, O0: tl.constexpr, O1: tl.constexpr, O2: tl.constexpr,
+    P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, C_DTYPE: tl.constexpr,
+    WEIGHT_DECAY: tl.constexpr, DECOUPLED: tl.constexpr, MAXIMIZE: tl.constexpr,
+    SCALE_GRAD: tl.constexpr, MASTER: tl.constexpr, STOCHASTIC: tl.constexpr,
+    FULL: tl.constexpr,  # an unmasked block of 16-byte-aligned tensors: 128-bit accesses
+):  # fmt: skip
+    p_ptr = as_ptr(p_addr, P_DTYPE, FULL)
+    g_ptr = as_ptr(g_addr, P_DTYPE, FULL)
+    w_ptr = region(master, s_off, FULL)
+    mask = None if FULL else offs < numel
+    p = load_param(p_ptr, w_ptr, offs, mask, C_DTYPE, MASTER)
+    g = load_grad(g_ptr, offs, mask, g_mult, C_DTYPE, SCALE_GRAD)
+    ptrs = ()
+    s = ()
+    for i in tl.static_range(len(states)):
+        ptrs = ptrs + (region(states[i], s_off, FULL),)
+        if (LIVE >> i) & 1:
+            s = s + (tl.load(ptrs[i] + offs, mask=mask).to(C_DTYPE),)
+        else:
+            s = s + (p,)  # placeholder: never loaded, never stored
+    # The grad every algorithm starts from, in torch's order: negated if MAXIMIZE, then L2 decay
+    # (grad.add(param, alpha=weight_decay)) or, DECOUPLED, the param decayed by 1 - lr * weight_decay.
+    if MAXIMIZE:
+        g = -g
+    if WEIGHT_DECAY:
+        if DECOUPLED:
+            p = p * decay
+        else:
+            g = tl.fma(decay, p, g)
+    p, s = MATH(p, g, s, fresh, lr, h, k, O0, O1, O2, C_DTYPE)
+    store_param(p_ptr, w_ptr, p, offs, mask, seed, s_off + offs, P_DTYPE, MASTER, STOCHASTIC)
+    for i in tl.static_range(len(states)):
+        if (LIVE >> i) & 1:
+            tl.store(ptrs[i] + offs, to_storage(s[i], S_DTYPE), mask=mask)
+
+
+@jit_kernel(unspecialized=[*_H, *_K, "lr", "decay", "seed"])
+def _update_kernel(
+    tensor_table,  # *i64 [n, ROW]: param/grad addresses, state offset, numel, vector end, flags, member
+    block_table,  # *i64 [n_blocks]: tensor index << 32 | block index in the tensor
+    states,  # tuple of flat state buffers, in the algorithm's key order (absent ones: any tensor)
+    step_table,  # *f64 [n, N_K + 3]: per-tensor step scalars, lr, decay, step (PER_TENSOR_STEP), else any
+    grad_scale,  # AMP: grads are divided by it (HAS_GRAD_SCALE)
+    found_inf,  # AMP: nonzero skips the whole update (HAS_FOUND_INF)
+    clip_coef,  # global-norm clipping: grads are multiplied by it (HAS_CLIP)
+    master,  # flat fp32 master copy of the params (MASTER)
+    h0: tl.int64,  # hyperparameters, as float_bits (unused slots: 0)
+    h1: tl.int64,
+    h2: tl.int64,
+    h3: tl.int64,
+    h4: tl.int64,
+    h5: tl.int64,
+    k0: tl.int64,  # step scalars, as float_bits (one value for the whole launch)
+    k1: tl.int64,
+    k2: tl.int64,
+    k3: tl.int64,
+    lr: tl.int64,  # lr, as float_bits
+    decay: tl.int64,  # 1 - lr * weight_decay (DECOUPLED) or weight_decay
+    seed: tl.int64,  # stochastic rounding seed
+    MATH: tl.constexpr,  # the algorithm's @triton.jit math
+    LIVE: tl.constexpr,  # bit i set: state i is present (loaded and stored)
+    N_H: tl.constexpr,  # hyperparameters used
+    N_K: tl.constexpr,  # step scalars used
+    USES_FRESH: tl.constexpr,  # read the FRESH flag of the tensor
+    O0: tl.constexpr,  # algorithm options
+    O1: tl.constexpr,
+    O2: tl.constexpr,
+    P_DTYPE: tl.constexpr,  # param and grad element type
+    S_DTYPE: tl.constexpr,  # state element type
+    C_DTYPE: tl.constexpr,  # math type: fp32, or fp64 for fp64 params
+    WEIGHT_DECAY: tl.constexpr,  # weight_decay != 0
+    DECOUPLED: tl.constexpr,  # decay the param (AdamW-style)
+    MAXIMIZE: tl.constexpr,
+    PER_TENSOR_STEP: tl.constexpr,  # step scalars from step_table (tensors at different steps, device steps)
+    HAS_GRAD_SCALE: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr,
+    HAS_CLIP: tl.constexpr,
+    MASTER: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
+    BLOCK: tl.constexpr,  # elements per program
+):
+    t, start, p_addr, g_addr, s_off, numel, full = locate(tensor_table, block_table, BLOCK)
+    offs = start + tl.arange(0, BLOCK)
+    if HAS_FOUND_INF:
+        go = tl.load(found_inf) == 0
+    else:
+        go = True
+    if go:  # AMP: a step with inf/nan grads changes nothing
+        hb = (h0, h1, h2, h3, h4, h5)
+        h = ()
+        for i in tl.static_range(N_H):
+            h = h + (hp(hb[i], C_DTYPE),)
+        k = ()
+        if PER_TENSOR_STEP:
+            row = step_table + t * (N_K + 3)  # EXTRA_COLS
+            for j in tl.static_range(N_K):
+                k = k + (tl.load(row + j).to(C_DTYPE),)
+            lr_c = tl.load(row + N_K).to(C_DTYPE)
+            decay_c = tl.load(row + N_K + 1).to(C_DTYPE)
+            rseed = seed + tl.load(row + N_K + 2).to(tl.int64)  # new random bits at every (replayed) step
+        else:
+            kb = (k0, k1, k2, k3)
+            for j in tl.static_range(N_K):
+                k = k + (hp(kb[j], C_DTYPE),)
+            lr_c = hp(lr, C_DTYPE)
+            decay_c = hp(decay, C_DTYPE)
+            rseed = seed
+        if USES_FRESH:
+            fresh = is_fresh(tensor_table, t)
+        else:
+            fresh = False
+        g_mult = grad_multiplier(grad_scale, clip_coef, HAS_GRAD_SCALE, HAS_CLIP)
+        scale_grad = HAS_GRAD_SCALE or HAS_CLIP
+        if full:
+            _block(
+                p_addr, g_addr, states, master, s_off, offs, numel, fresh, g_mult, rseed, lr_c, decay_c, h, k,
+                MATH, LIVE, O0, O1, O2, P_DTYPE, S_DTYPE, C_DTYPE, WEIGHT_DECAY, DECOUPLED, MAXIMIZE, scale_grad,
+                MASTER, STOCHASTIC, True,
+            )  # fmt: skip
+        else:
+            # A tensor's last block, or a block of a tensor whose address is not 16-byte aligned:
+            # masked scalar accesses, in parts so that they need no more registers than the full
+            # path (as one block they take up to twice as many, which then holds for the whole
+            # kernel: 130 instead of 64 for bf16 AMSGrad); parts past the tensor's end are skipped.
+            for part in tl.static_range(MASKED_PARTS):
+                sub = start + part * (BLOCK // MASKED_PARTS)
+                if sub < numel:
+                    _block(
+                        p_addr, g_addr, states, master, s_off, sub + tl.arange(0, BLOCK // MASKED_PARTS), numel, fresh,
+                        g_mult, rseed, lr_c, decay_c, h, k, MATH, LIVE, O0, O1, O2, P_DTYPE, S_DTYPE, C_DTYPE,
+                        WEIGHT_DECAY, DECOUPLED, MAXIMIZE, scale_grad, MASTER, STOCHASTIC, False,
+                    )  # fmt: skip
+
+
+def _padded(values, slots: int) -> tuple[int, ...]:
+    assert len(values) <= slots, (values, slots)
+    return (*(float_bits(x) for x in values), *(0,) * (slots - len(values)))
+
+
+def _options(options) -> dict:
+    assert len(options) <= MAX_O, options
+    padded = (*options, *(False,) * (MAX_O - len(options)))
+    return {f"O{i}": padded[i] for i in range(MAX_O)}
+
+
+def update_step(
+    algo: Algorithm,
+    tables: Tables,
+    flat: dict[str, torch.Tensor],
+    *,
+    param_dtype: torch.dtype,
+    lr: float,
+    hyper: tuple[float, ...],
+    options: tuple = (),
+    step_scalars: tuple[float, ...] | torch.Tensor = (),
+    weight_decay: float = 0.0,
+    decoupled: bool = False,
+    maximize: bool = False,
+    features: Features,
+    num_warps: int = 8,
+) -> None:
+    """One step of ``algo`` over a segment. ``flat`` holds the present flat state buffers (keys of
+    ``algo.state_keys``), ``hyper`` the hyperparameters ``math`` reads as ``h``, ``options`` its
+    constexpr options; ``step_scalars`` is the tuple of step scalars for every tensor of the
+    launch or a per-tensor table (``step_table``, ``advance``)."""
+    assert len(hyper) == algo.n_hyper, (algo, hyper)
+    per_tensor = isinstance(step_scalars, torch.Tensor)
+    tensors, flags = feature_args(features, tables.tensor_table)
+    present = [flat.get(key) for key in algo.state_keys]
+    any_state = next((s for s in present if s is not None), tables.tensor_table)
+    args = (
+        tuple(any_state if s is None else s for s in present),
+        step_scalars if per_tensor else tables.tensor_table,
+        *tensors,
+        *_padded(hyper, MAX_H),
+        *_padded(() if per_tensor else step_scalars, MAX_K),
+        float_bits(lr),
+        float_bits(1.0 - lr * weight_decay if decoupled else weight_decay),
+        features.seed,
+    )
+    constexprs = {
+        "MATH": algo.math,
+        "LIVE": sum(1 << i for i, s in enumerate(present) if s is not None),
+        "N_H": algo.n_hyper,
+        "N_K": algo.n_step,
+        "USES_FRESH": algo.uses_fresh,
+        **_options(options),
+        "P_DTYPE": triton_dtype(param_dtype),
+        "S_DTYPE": triton_dtype(any_state.dtype if any_state is not tables.tensor_table else param_dtype),
+        "C_DTYPE": compute_dtype(param_dtype),
+        "WEIGHT_DECAY": weight_decay != 0,
+        "DECOUPLED": decoupled,
+        "MAXIMIZE": maximize,
+        "PER_TENSOR_STEP": per_tensor,
+        **flags,
+    }
+    launch(_update_kernel, tables, args, constexprs, num_warps)
+
+
+def step_table(per_row: np.ndarray, lr: float, weight_decay: float, decoupled: bool, steps, device) -> torch.Tensor:
+    """The per-tensor table of host step scalars (rows ``[k..., lr, decay, step]``), for a launch
+    whose tensors are at different host steps."""
+    decay = 1.0 - lr * weight_decay if decoupled else weight_decay
+    n = len(per_row)
+    table = np.column_stack([per_row.reshape(n, -1), np.full(n, lr), np.full(n, decay), np.asarray(steps)])
+    host = torch.from_numpy(np.ascontiguousarray(table, dtype=np.float64))
+    return host if device.type == "cpu" else host.pin_memory().to(device, non_blocking=True)
+
+
+# --- step counts on the device ---------------------------------------------------------------------
+@triton.jit
+def _no_scalars(step, aux, lr, h, O0, O1, O2):
+    return ()
+
+
+@triton.jit
+def _same_aux(aux, step, h):
+    return aux
+
+
+@jit_kernel(unspecialized=["n", *_H, "lr", "weight_decay"])
+def _advance_kernel(
+    tensor_table,  # *i64 [n, ROW]: the launch's tensor table (member column)
+    steps,  # device step counts of the segment (per member)
+    aux,  # a per-parameter device scalar besides step (USES_AUX), else any tensor
+    step_table,  # *f64 [n, N_K + 3]: written here, read by the update kernel
+    found_inf,  # AMP: nonzero means this step is skipped (HAS_FOUND_INF)
+    lr_ptr,  # lr on the device (LR_ON_DEVICE)
+    n,  # tensors in the launch
+    h0: tl.int64,  # hyperparameters, as float_bits
+    h1: tl.int64,
+    h2: tl.int64,
+    h3: tl.int64,
+    h4: tl.int64,
+    h5: tl.int64,
+    lr: tl.int64,  # lr, as float_bits (not LR_ON_DEVICE)
+    weight_decay: tl.int64,  # weight_decay, as float_bits
+    SCALARS: tl.constexpr,  # the algorithm's device_scalars
+    ADVANCE_AUX: tl.constexpr,  # the algorithm's advance_aux
+    N_H: tl.constexpr,
+    N_K: tl.constexpr,
+    USES_AUX: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr,
+    LR_ON_DEVICE: tl.constexpr,
+    DECOUPLED: tl.constexpr,
+    O0: tl.constexpr,
+    O1: tl.constexpr,
+    O2: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    """step += 1 (torch: ``step_t += 1``) for every tensor of the launch unless found_inf is set,
+    then the step scalars, lr, decay and step of each tensor into ``step_table``, in float64."""
+    i = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    ok = i < n
+    member = tl.load(tensor_table + i * 8 + 6, mask=ok, other=0)  # ROW, COL_MEMBER
+    step = tl.load(steps + member, mask=ok, other=0)
+    if HAS_FOUND_INF:
+        advance = tl.load(found_inf) == 0
+    else:
+        advance = True
+    step = tl.where(advance, step + 1, step)
+    tl.store(steps + member, step, mask=ok)
+    step64 = step.to(tl.float64)
+    hb = (h0, h1, h2, h3, h4, h5)
+    h = ()
+    for j in tl.static_range(N_H):
+        h = h + (hp(hb[j], tl.float64),)
+    a = 0.0
+    if USES_AUX:
+        a = tl.load(aux + member, mask=ok, other=1)
+        a = tl.where(advance, ADVANCE_AUX(a, step64, h), a)
+        tl.store(aux + member, a, mask=ok)
+        a = a.to(tl.float64)
+    if LR_ON_DEVICE:
+        lr64 = tl.load(lr_ptr).to(tl.float64)
+    else:
+        lr64 = hp(lr, tl.float64)
+    k = SCALARS(step64, a, lr64, h, O0, O1, O2)
+    row = step_table + i * (N_K + 3)  # EXTRA_COLS
+    for j in tl.static_range(N_K):
+        tl.store(row + j, k[j], mask=ok)
+    if DECOUPLED:
+        decay = 1.0 - lr64 * hp(weight_decay, tl.float64)
+    else:
+        decay = hp(weight_decay, tl.float64)
+    tl.store(row + N_K, lr64, mask=ok)
+    tl.store(row + N_K + 1, decay, mask=ok)
+    tl.store(row + N_K + 2, step64, mask=ok)
+
+
+def advance(
+    algo: Algorithm,
+    tables: Tables,
+    features: Features,
+    *,
+    lr: float,
+    hyper: tuple[float, ...],
+    options: tuple = (),
+    weight_decay: float = 0.0,
+    decoupled: bool = False,
+    aux: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Advance the device step counts of the tensors in ``tables`` (and ``aux``) and compute their
+    step scalars into the launch's per-tensor table, which it returns (one small launch)."""
+    n = tables.tensor_table.shape[0]
+    if tables.step_table is None:
+        tables.step_table = torch.empty(
+            (n, algo.n_step + EXTRA_COLS), dtype=torch.float64, device=tables.block_table.device
+        )
+    block_t = 256
+    _advance_kernel[(triton.cdiv(n, block_t),)](
+        tables.tensor_table,
+        features.steps,
+        features.steps if aux is None else aux,
+        tables.step_table,
+        features.steps if features.found_inf is None else features.found_inf,
+        features.steps if features.lr_tensor is None else features.lr_tensor,
+        n,
+        *_padded(hyper, MAX_H),
+        float_bits(lr),
+        float_bits(weight_decay),
+        SCALARS=algo.device_scalars or _no_scalars,
+        ADVANCE_AUX=algo.advance_aux or _same_aux,
+        N_H=algo.n_hyper,
+        N_K=algo.n_step,
+        USES_AUX=aux is not None,
+        HAS_FOUND_INF=features.found_inf is not None,
+        LR_ON_DEVICE=features.lr_tensor is not None,
+        DECOUPLED=decoupled,
+        **_options(options),
+        BLOCK_T=block_t,
+        num_warps=4,
+    )
+    return tables.step_table
+
+
+assert ROW == 8 and EXTRA_COLS == 3  # the kernels above spell these out

@@ -26,14 +26,16 @@ from .kernels import Algorithm, advance, step_table, update_step
 
 __all__ = ["FusedOptimizer"]
 
-_EXTENSIONS = ("master_weights", "stochastic_rounding", "state_dtype", "max_grad_norm")
+# fused_optim's own constructor arguments (keyword-only, after torch's) and their defaults
+_EXTENSIONS = {"master_weights": False, "stochastic_rounding": False, "state_dtype": None, "max_grad_norm": None}
 
 
 class FusedOptimizer(PlansMixin, FeaturesMixin, ChecksMixin, FallbackMixin, Optimizer):
     """Base class of the fused optimizers; a subclass declares one algorithm.
 
-    A subclass has torch's constructor signature and passes its arguments on as
-    ``super().__init__(params, locals())``. It declares:
+    A subclass has torch's constructor signature followed by ``**extensions`` and passes its
+    arguments on as ``super().__init__(params, locals())``; its published signature lists
+    fused_optim's own arguments in place of ``**extensions``. It declares:
 
     * ``_torch_cls``: its torch.optim counterpart, whose own checks validate the arguments
       (``check_like_torch``), so errors and messages match the installed torch, and whose
@@ -50,6 +52,16 @@ class FusedOptimizer(PlansMixin, FeaturesMixin, ChecksMixin, FallbackMixin, Opti
       grad), ``_eager_state`` (state made at construction), ``_sparse_ok``/``_sparse_error``,
       ``_fixed`` (group entries the class forces, as AdamW's decoupled decay).
 
+    Arguments as in torch.optim, where the optimizer has them:
+
+    * ``params``: an iterable of parameters or named parameters, or of dicts defining param groups.
+    * ``maximize`` (bool): maximize the objective instead of minimizing it.
+    * ``foreach``, ``fused``: accepted for compatibility, change nothing: the update is always one
+      fused launch per segment.
+    * ``capturable`` (bool): step counts and step scalars stay on the device, and a tensor ``lr``
+      on the device is read by the kernels, so ``step()`` can be captured in a CUDA graph.
+    * ``differentiable``: ``True`` raises ``NotImplementedError``.
+
     Arguments shared by every fused optimizer, beyond torch's (keyword-only):
 
     * ``master_weights`` (bool): bf16/fp16 params get an fp32 master copy (state key
@@ -61,12 +73,8 @@ class FusedOptimizer(PlansMixin, FeaturesMixin, ChecksMixin, FallbackMixin, Opti
     * ``max_grad_norm`` (float): clip the global grad norm (2-norm over every group) inside each
       step, as ``torch.nn.utils.clip_grad_norm_`` then ``step()`` would.
 
-    ``foreach`` and ``fused`` are accepted for compatibility with torch.optim and change nothing
-    (the update is always one fused launch per segment). ``capturable=True`` keeps step counts on
-    the device and computes bias corrections there, so ``step()`` can be captured in a CUDA
-    graph. ``differentiable=True`` raises ``NotImplementedError``. AMP: ``GradScaler`` hands its
-    scale and inf flag to ``step()``, which unscales and skips inside the kernels, without a host
-    synchronisation.
+    AMP: ``GradScaler`` hands its scale and inf flag to ``step()``, which unscales and skips inside
+    the kernels, without a host synchronisation.
     """
 
     _torch_cls: type[Optimizer]
@@ -75,19 +83,32 @@ class FusedOptimizer(PlansMixin, FeaturesMixin, ChecksMixin, FallbackMixin, Opti
     _fixed: ClassVar[dict] = {}
     _sparse_ok = False
     _eager_state = False
-    _sparse_error = "fused_optim does not support sparse gradients"
     _num_warps = 8  # 256 threads per program; elements per program follow from the dtype (block_size)
     _step_supports_amp_scaling = True  # GradScaler passes grad_scale and found_inf to step()
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            return
+        signature = inspect.signature(init)
+        torch_args = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
+        if len(torch_args) < len(signature.parameters):  # publish **extensions as named arguments
+            ours = [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v) for k, v in _EXTENSIONS.items()]
+            init.__signature__ = signature.replace(parameters=torch_args + ours)
 
     def __init__(self, params, arguments: dict) -> None:
         # ``arguments`` holds the subclass constructor's arguments (its locals()): torch's own
         # checks see torch's arguments first, so bad arguments raise torch's errors.
-        defaults = {k: v for k, v in arguments.items() if k not in ("self", "params", "__class__", *_EXTENSIONS)}
+        extensions = arguments.get("extensions", {})
+        for key in extensions.keys() - _EXTENSIONS.keys():
+            raise TypeError(f"{type(self).__name__}.__init__() got an unexpected keyword argument {key!r}")
+        defaults = {k: v for k, v in arguments.items() if k not in ("self", "params", "__class__", "extensions")}
         defaults = self._normalize({**defaults, **self._fixed})
         check_like_torch(self._torch_cls, **defaults)
         self._check_options(defaults)
         # Optimizer-wide settings, outside param_groups so that those stay torch's.
-        self.options = {k: arguments[k] for k in _EXTENSIONS}
+        self.options = {**_EXTENSIONS, **extensions}
         self.options["master_weights"] = bool(self.options["master_weights"])
         self.options["stochastic_rounding"] = bool(self.options["stochastic_rounding"])
         check_extensions(self.options)
@@ -128,6 +149,11 @@ class FusedOptimizer(PlansMixin, FeaturesMixin, ChecksMixin, FallbackMixin, Opti
 
     def _check_sparse(self, group) -> None:
         """Called when a group holds sparse grads (``_sparse_ok``): raise what torch raises."""
+
+    @property
+    def _sparse_error(self) -> str:
+        """torch's message for sparse grads where the algorithm refuses them."""
+        return f"{type(self).__name__} does not support sparse gradients"
 
     # --- engine state ------------------------------------------------------------------------
     def _reset_engine(self) -> None:

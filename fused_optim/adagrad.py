@@ -22,15 +22,13 @@ class Adagrad(FusedOptimizer):
         \theta \leftarrow \theta - \frac{\gamma}{1 + (t - 1)\eta}\,\frac{g}{\sqrt{s} + \epsilon}
 
     Args:
-        params: iterable of parameters or named parameters, or of dicts defining param groups.
         lr (float, Tensor): learning rate :math:`\gamma` (default: 1e-2).
         lr_decay (float): :math:`\eta` (default: 0).
         weight_decay (float): :math:`\lambda` (default: 0).
         initial_accumulator_value (float): initial value of :math:`s` (default: 0).
         eps (float): term added to the denominator (default: 1e-10).
-        foreach, fused: accepted for compatibility; the update is always fused.
-        maximize (bool): maximize the objective (default: False).
-        differentiable: ``True`` raises ``NotImplementedError``.
+        params, maximize, foreach, fused, capturable, differentiable, and fused_optim's own options:
+            see :class:`~fused_optim.FusedOptimizer`.
 
     Sparse gradients are supported and run through torch.optim's own implementation.
     """
@@ -41,23 +39,10 @@ class Adagrad(FusedOptimizer):
     _eager_state = True
 
     def __init__(
-        self,
-        params,
-        lr: float | torch.Tensor = 1e-2,
-        lr_decay: float = 0,
-        weight_decay: float = 0,
-        initial_accumulator_value: float = 0,
-        eps: float = 1e-10,
-        foreach: bool | None = None,
-        *,
-        maximize: bool = False,
-        differentiable: bool = False,
-        fused: bool | None = None,
-        master_weights: bool = False,
-        stochastic_rounding: bool = False,
-        state_dtype: torch.dtype | None = None,
-        max_grad_norm: float | None = None,
-    ) -> None:
+        self, params, lr: float | torch.Tensor = 1e-2, lr_decay: float = 0, weight_decay: float = 0,
+        initial_accumulator_value: float = 0, eps: float = 1e-10, foreach: bool | None = None, *,
+        maximize: bool = False, differentiable: bool = False, fused: bool | None = None, **extensions,
+    ) -> None:  # fmt: skip
         super().__init__(params, locals())
 
     def share_memory(self) -> None:

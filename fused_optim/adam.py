@@ -28,17 +28,14 @@ class Adam(FusedOptimizer):
             \frac{m}{\sqrt{\hat v}/\sqrt{1-\beta_2^t} + \epsilon}
 
     Args:
-        params: iterable of parameters or named parameters, or of dicts defining param groups.
         lr (float, Tensor): learning rate :math:`\gamma` (default: 1e-3).
         betas (tuple[float, float]): :math:`(\beta_1, \beta_2)` (default: (0.9, 0.999)).
         eps (float): term added to the denominator (default: 1e-8).
         weight_decay (float): :math:`\lambda` (default: 0).
         amsgrad (bool): use the AMSGrad variant (default: False).
-        foreach, fused: accepted for compatibility; the update is always fused.
-        maximize (bool): maximize the objective (default: False).
-        capturable (bool): step counts and bias corrections on the device (default: False).
-        differentiable: ``True`` raises ``NotImplementedError``.
         decoupled_weight_decay (bool): decay the parameter directly, as AdamW (default: False).
+        params, maximize, foreach, fused, capturable, differentiable, and fused_optim's own options:
+            see :class:`~fused_optim.FusedOptimizer`.
     """
 
     _torch_cls = torch.optim.Adam
@@ -46,25 +43,12 @@ class Adam(FusedOptimizer):
     _sparse_error = "Adam does not support sparse gradients, please consider SparseAdam instead"
 
     def __init__(
-        self,
-        params,
-        lr: float | torch.Tensor = 1e-3,
-        betas: tuple[float | torch.Tensor, float | torch.Tensor] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0,
-        amsgrad: bool = False,
-        *,
-        foreach: bool | None = None,
-        maximize: bool = False,
-        capturable: bool = False,
-        differentiable: bool = False,
-        fused: bool | None = None,
-        decoupled_weight_decay: bool = False,
-        master_weights: bool = False,
-        stochastic_rounding: bool = False,
-        state_dtype: torch.dtype | None = None,
-        max_grad_norm: float | None = None,
-    ) -> None:
+        self, params, lr: float | torch.Tensor = 1e-3,
+        betas: tuple[float | torch.Tensor, float | torch.Tensor] = (0.9, 0.999), eps: float = 1e-8,
+        weight_decay: float = 0, amsgrad: bool = False, *, foreach: bool | None = None, maximize: bool = False,
+        capturable: bool = False, differentiable: bool = False, fused: bool | None = None,
+        decoupled_weight_decay: bool = False, **extensions,
+    ) -> None:  # fmt: skip
         super().__init__(params, locals())
 
     def _normalize(self, defaults: dict) -> dict:
@@ -108,22 +92,9 @@ class AdamW(Adam):
     _fixed: ClassVar[dict] = {"decoupled_weight_decay": True}
 
     def __init__(
-        self,
-        params,
-        lr: float | torch.Tensor = 1e-3,
-        betas: tuple[float | torch.Tensor, float | torch.Tensor] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 1e-2,
-        amsgrad: bool = False,
-        *,
-        maximize: bool = False,
-        foreach: bool | None = None,
-        capturable: bool = False,
-        differentiable: bool = False,
-        fused: bool | None = None,
-        master_weights: bool = False,
-        stochastic_rounding: bool = False,
-        state_dtype: torch.dtype | None = None,
-        max_grad_norm: float | None = None,
-    ) -> None:
+        self, params, lr: float | torch.Tensor = 1e-3,
+        betas: tuple[float | torch.Tensor, float | torch.Tensor] = (0.9, 0.999), eps: float = 1e-8,
+        weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False, foreach: bool | None = None,
+        capturable: bool = False, differentiable: bool = False, fused: bool | None = None, **extensions,
+    ) -> None:  # fmt: skip
         FusedOptimizer.__init__(self, params, locals())

@@ -22,38 +22,22 @@ class Adamax(FusedOptimizer):
         \qquad \theta \leftarrow \theta - \frac{\gamma}{1 - \beta_1^t}\,\frac{m}{u}
 
     Args:
-        params: iterable of parameters or named parameters, or of dicts defining param groups.
         lr (float, Tensor): learning rate :math:`\gamma` (default: 2e-3).
         betas (tuple[float, float]): :math:`(\beta_1, \beta_2)` (default: (0.9, 0.999)).
         eps (float): :math:`\epsilon` (default: 1e-8).
         weight_decay (float): :math:`\lambda` (default: 0).
-        foreach: accepted for compatibility; the update is always fused.
-        maximize (bool): maximize the objective (default: False).
-        capturable (bool): step counts and step scalars on the device (default: False).
-        differentiable: ``True`` raises ``NotImplementedError``.
+        params, maximize, foreach, fused, capturable, differentiable, and fused_optim's own options:
+            see :class:`~fused_optim.FusedOptimizer`.
     """
 
     _torch_cls = torch.optim.Adamax
     _algorithm = ADAMAX
-    _sparse_error = "Adamax does not support sparse gradients"
 
     def __init__(
-        self,
-        params,
-        lr: float | torch.Tensor = 2e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0,
-        foreach: bool | None = None,
-        *,
-        maximize: bool = False,
-        differentiable: bool = False,
-        capturable: bool = False,
-        master_weights: bool = False,
-        stochastic_rounding: bool = False,
-        state_dtype: torch.dtype | None = None,
-        max_grad_norm: float | None = None,
-    ) -> None:
+        self, params, lr: float | torch.Tensor = 2e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+        weight_decay: float = 0, foreach: bool | None = None, *, maximize: bool = False, differentiable: bool = False,
+        capturable: bool = False, **extensions,
+    ) -> None:  # fmt: skip
         super().__init__(params, locals())
 
     def _step_scalars(self, group, scalars) -> tuple[float]:

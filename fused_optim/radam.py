@@ -26,40 +26,23 @@ class RAdam(FusedOptimizer):
         r_t = \sqrt{\tfrac{(\rho_t-4)(\rho_t-2)\rho_\infty}{(\rho_\infty-4)(\rho_\infty-2)\rho_t}}
 
     Args:
-        params: iterable of parameters or named parameters, or of dicts defining param groups.
         lr (float, Tensor): learning rate :math:`\gamma` (default: 1e-3).
         betas (tuple[float, float]): :math:`(\beta_1, \beta_2)` (default: (0.9, 0.999)).
         eps (float): :math:`\epsilon` (default: 1e-8).
         weight_decay (float): :math:`\lambda` (default: 0).
         decoupled_weight_decay (bool): decay the parameter directly, as AdamW (default: False).
-        foreach: accepted for compatibility; the update is always fused.
-        maximize (bool): maximize the objective (default: False).
-        capturable (bool): step counts and step scalars on the device (default: False).
-        differentiable: ``True`` raises ``NotImplementedError``.
+        params, maximize, foreach, fused, capturable, differentiable, and fused_optim's own options:
+            see :class:`~fused_optim.FusedOptimizer`.
     """
 
     _torch_cls = torch.optim.RAdam
     _algorithm = RADAM
-    _sparse_error = "RAdam does not support sparse gradients"
 
     def __init__(
-        self,
-        params,
-        lr: float | torch.Tensor = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0,
-        decoupled_weight_decay: bool = False,
-        *,
-        foreach: bool | None = None,
-        maximize: bool = False,
-        capturable: bool = False,
-        differentiable: bool = False,
-        master_weights: bool = False,
-        stochastic_rounding: bool = False,
-        state_dtype: torch.dtype | None = None,
-        max_grad_norm: float | None = None,
-    ) -> None:
+        self, params, lr: float | torch.Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+        weight_decay: float = 0, decoupled_weight_decay: bool = False, *, foreach: bool | None = None,
+        maximize: bool = False, capturable: bool = False, differentiable: bool = False, **extensions,
+    ) -> None:  # fmt: skip
         super().__init__(params, locals())
 
     def _step_scalars(self, group, scalars) -> tuple[float, float, float, float]:

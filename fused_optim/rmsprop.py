@@ -25,42 +25,24 @@ class RMSprop(FusedOptimizer):
         \quad (\theta \leftarrow \theta - \gamma g / d \text{ without momentum})
 
     Args:
-        params: iterable of parameters or named parameters, or of dicts defining param groups.
         lr (float, Tensor): learning rate :math:`\gamma` (default: 1e-2).
         alpha (float): smoothing constant :math:`\alpha` (default: 0.99).
         eps (float): :math:`\epsilon` (default: 1e-8).
         weight_decay (float): :math:`\lambda` (default: 0).
         momentum (float): :math:`\mu` (default: 0).
         centered (bool): normalize by the estimated variance of the gradient (default: False).
-        capturable (bool): step counts and step scalars on the device (default: False).
-        differentiable: ``True`` raises ``NotImplementedError``.
-        foreach: accepted for compatibility; the update is always fused.
-        maximize (bool): maximize the objective (default: False).
+        params, maximize, foreach, fused, capturable, differentiable, and fused_optim's own options:
+            see :class:`~fused_optim.FusedOptimizer`.
     """
 
     _torch_cls = torch.optim.RMSprop
     _algorithm = RMSPROP
-    _sparse_error = "RMSprop does not support sparse gradients"
 
     def __init__(
-        self,
-        params,
-        lr: float | torch.Tensor = 1e-2,
-        alpha: float = 0.99,
-        eps: float = 1e-8,
-        weight_decay: float = 0,
-        momentum: float = 0,
-        centered: bool = False,
-        capturable: bool = False,
-        foreach: bool | None = None,
-        maximize: bool = False,
-        differentiable: bool = False,
-        *,
-        master_weights: bool = False,
-        stochastic_rounding: bool = False,
-        state_dtype: torch.dtype | None = None,
-        max_grad_norm: float | None = None,
-    ) -> None:
+        self, params, lr: float | torch.Tensor = 1e-2, alpha: float = 0.99, eps: float = 1e-8, weight_decay: float = 0,
+        momentum: float = 0, centered: bool = False, capturable: bool = False, foreach: bool | None = None,
+        maximize: bool = False, differentiable: bool = False, **extensions,
+    ) -> None:  # fmt: skip
         super().__init__(params, locals())
 
     def _tensor_state_keys(self, group) -> tuple[str, ...]:

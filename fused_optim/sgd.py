@@ -25,15 +25,13 @@ class SGD(FusedOptimizer):
         \quad (\theta - \gamma g \text{ without momentum})
 
     Args:
-        params: iterable of parameters or named parameters, or of dicts defining param groups.
         lr (float, Tensor): learning rate :math:`\gamma` (default: 1e-3).
         momentum (float): :math:`\mu` (default: 0).
         dampening (float): :math:`\tau` (default: 0).
         weight_decay (float, Tensor): :math:`\lambda` (default: 0).
         nesterov (bool): Nesterov momentum (default: False).
-        maximize (bool): maximize the objective (default: False).
-        foreach, fused: accepted for compatibility; the update is always fused.
-        differentiable: ``True`` raises ``NotImplementedError``.
+        params, maximize, foreach, fused, capturable, differentiable, and fused_optim's own options:
+            see :class:`~fused_optim.FusedOptimizer`.
 
     Sparse gradients are supported and run through torch.optim's own implementation.
     """
@@ -44,23 +42,10 @@ class SGD(FusedOptimizer):
     _sparse_ok = True
 
     def __init__(
-        self,
-        params,
-        lr: float | torch.Tensor = 1e-3,
-        momentum: float = 0,
-        dampening: float = 0,
-        weight_decay: float | torch.Tensor = 0,
-        nesterov: bool = False,
-        *,
-        maximize: bool = False,
-        foreach: bool | None = None,
-        differentiable: bool = False,
-        fused: bool | None = None,
-        master_weights: bool = False,
-        stochastic_rounding: bool = False,
-        state_dtype: torch.dtype | None = None,
-        max_grad_norm: float | None = None,
-    ) -> None:
+        self, params, lr: float | torch.Tensor = 1e-3, momentum: float = 0, dampening: float = 0,
+        weight_decay: float | torch.Tensor = 0, nesterov: bool = False, *, maximize: bool = False,
+        foreach: bool | None = None, differentiable: bool = False, fused: bool | None = None, **extensions,
+    ) -> None:  # fmt: skip
         super().__init__(params, locals())
 
     def _tensor_state_keys(self, group) -> tuple[str, ...]:

@@ -37,11 +37,13 @@ def floor_versions() -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def floor_python() -> str:
-    """A Python whose Triton is the lowest version fused_optim supports (everything else, torch and
-    fused_optim included, from this environment): a virtual environment made once, then reused
-    from ~/.cache (or $FUSED_OPTIM_FLOOR_ENV). Needs the package registry the first time."""
+    """A Python whose Triton is the lowest version fused_optim supports, and everything else (torch,
+    fused_optim itself) from this environment, whose site-packages come after its own on the path:
+    a virtual environment made once, then reused from ~/.cache (or $FUSED_OPTIM_FLOOR_ENV). Needs
+    the package registry the first time."""
     import subprocess
     import sys
+    import sysconfig
     from pathlib import Path
 
     version = floor_versions()["triton"]
@@ -49,11 +51,19 @@ def floor_python() -> str:
     default = Path.home() / ".cache" / "fused_optim" / f"triton-{version}"
     root = Path(os.environ.get("FUSED_OPTIM_FLOOR_ENV", default))
     python = root / "bin" / "python"
-    probe = [str(python), "-c", "import triton, fused_optim; print(triton.__version__)"]
+    probe = [str(python), "-c", "import triton, torch, fused_optim; print(triton.__version__)"]
     found = subprocess.run(probe, capture_output=True, text=True, check=False) if python.exists() else None
     if found is None or found.returncode != 0 or found.stdout.strip() != version:
-        subprocess.run([sys.executable, "-m", "venv", "--clear", "--system-site-packages", str(root)], check=True)
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(root)], check=True)
         subprocess.run([str(python), "-m", "pip", "install", "--quiet", f"triton=={version}"], check=True)
+        own = subprocess.run(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+        outer = dict.fromkeys(sysconfig.get_paths()[k] for k in ("purelib", "platlib"))
+        # addsitedir also runs this environment's .pth files (the editable install of fused_optim)
+        lines = [f"import site; site.addsitedir({path!r})" for path in outer]
+        (Path(own) / "outer_environment.pth").write_text("\n".join(lines) + "\n")
         found = subprocess.run(probe, capture_output=True, text=True, check=True)
     assert found.stdout.strip() == version, found.stdout
     return str(python)

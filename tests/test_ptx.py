@@ -25,7 +25,7 @@ SCRIPT = textwrap.dedent(
     from fused_optim.kernels import ALGORITHMS
     from fused_optim.kernels._inspect import compile_for, fp64_arithmetic, ptxas_report, vector_accesses
     from fused_optim.kernels._tables import block_size
-    from fused_optim.kernels._update import _advance_kernel, _same_aux, _update_kernel
+    from fused_optim.kernels._update import _advance_kernel, _no_scalars, _same_aux, _update_kernel
 
     dtypes = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16, "fp64": tl.float64}
     bytes_of = {"fp32": 4, "bf16": 2, "fp16": 2, "fp64": 8}
@@ -58,7 +58,7 @@ SCRIPT = textwrap.dedent(
         types = {"tensor_table": "*i64", "steps": "*fp32", "aux": "*fp32", "step_table": "*fp64",
                  "found_inf": "*fp32", "lr_ptr": "*fp32"}
         constexprs = dict(
-            SCALARS=algo.device_scalars or _update_kernel.fn.__globals__["_no_scalars"],
+            SCALARS=algo.device_scalars or _no_scalars,
             ADVANCE_AUX=algo.advance_aux or _same_aux, N_H=algo.n_hyper, N_K=algo.n_step,
             USES_AUX=algo.advance_aux is not None, HAS_FOUND_INF=True, LR_ON_DEVICE=True, DECOUPLED=True,
             O0=False, O1=False, O2=False, BLOCK_T=256,

@@ -3,8 +3,17 @@ interpreter. TRITON_INTERPRET must be set before any kernel is decorated, so it 
 before fused_optim is imported by any test module."""
 
 import os
+import sys
+from pathlib import Path
 
 import torch
+
+# `python -m pytest` puts the working directory (the repository root) first on sys.path, where
+# kernels/ would shadow the Hugging Face package named `kernels` that transformers imports. The
+# root goes last: installed packages win, and benchmarks/ still imports from it.
+ROOT = Path(__file__).resolve().parents[1]
+_at_root = [p for p in sys.path if Path(p or ".").resolve() == ROOT]
+sys.path[:] = [p for p in sys.path if p not in _at_root] + _at_root
 
 # FUSED_OPTIM_TEST_FALLBACK=1 (set by tests/test_cpu_fallback.py for a subprocess) leaves the
 # interpreter off, so CPU params take torch.optim's own implementation, the fallback under test.

@@ -6,6 +6,7 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 # `python -m pytest` puts the working directory (the repository root) first on sys.path, where
@@ -19,8 +20,6 @@ sys.path[:] = [p for p in sys.path if p not in _at_root] + _at_root
 # interpreter off, so CPU params take torch.optim's own implementation, the fallback under test.
 if not torch.cuda.is_available() and os.environ.get("FUSED_OPTIM_TEST_FALLBACK") != "1":
     os.environ["TRITON_INTERPRET"] = "1"
-
-import pytest
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

@@ -30,7 +30,7 @@ import triton
 import fused_optim
 from fused_optim.kernels import INTERPRETED
 
-from . import features
+from . import features, toolchain
 from .parity import parity_table
 from .timing import copy_gbps, device_time_ms, host_time_us, kernels_skipped
 from .workloads import ALGORITHMS, WORKLOAD_ALGORITHMS, Point, plan
@@ -354,6 +354,8 @@ def main(argv=None) -> int:
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
+    if cuda:  # before anything compiles: a driver older than Triton's ptxas refuses every kernel
+        print(toolchain.check())
     name, slug = _device(device)
     out = args.out or Path(__file__).parent / "results" / slug
     compile_ok = cuda if args.compile is None else args.compile

@@ -27,7 +27,13 @@ from .kernels import Algorithm, advance, step_table, update_step
 __all__ = ["FusedOptimizer"]
 
 # fused_optim's own constructor arguments (keyword-only, after torch's) and their defaults
-_EXTENSIONS = {"master_weights": False, "stochastic_rounding": False, "state_dtype": None, "max_grad_norm": None}
+_EXTENSIONS = {
+    "master_weights": False,
+    "stochastic_rounding": False,
+    "rounding_seed": 0,
+    "state_dtype": None,
+    "max_grad_norm": None,
+}
 
 
 class FusedOptimizer(PlansMixin, FeaturesMixin, ChecksMixin, FallbackMixin, Optimizer):
@@ -69,6 +75,12 @@ class FusedOptimizer(PlansMixin, FeaturesMixin, ChecksMixin, FallbackMixin, Opti
       fp32 unless ``state_dtype`` says otherwise.
     * ``stochastic_rounding`` (bool): bf16 params without a master copy are stored with unbiased
       stochastic rounding.
+    * ``rounding_seed`` (int): seeds stochastic rounding. The random bits of an element depend on
+      this seed, the param group, the dtype, the step and the element's place in the group, never
+      on the process or the device index: replicated params round alike on every rank, and a rerun
+      gives the same bits. (Without device step counts, "the step" is this optimizer's count of
+      ``step()`` calls, which a checkpoint does not keep: a resumed run draws other bits than an
+      uninterrupted one, equally unbiased.)
     * ``state_dtype`` (torch.dtype): dtype of the per-element state (default: the param's).
     * ``max_grad_norm`` (float): clip the global grad norm (2-norm over every group) inside each
       step, as ``torch.nn.utils.clip_grad_norm_`` then ``step()`` would.
@@ -83,7 +95,11 @@ class FusedOptimizer(PlansMixin, FeaturesMixin, ChecksMixin, FallbackMixin, Opti
     _fixed: ClassVar[dict] = {}
     _sparse_ok = False
     _eager_state = False
-    _num_warps = 8  # 256 threads per program; elements per program follow from the dtype (block_size)
+    _num_warps = 8  # 256 threads per block; elements per block follow from the dtype (block_size)
+    # Blocks per program: each program pays two dependent table loads before its first access, so
+    # light kernels may gain from several blocks per program, at the cost of registers and code
+    # (README, "How it works"). 1 until measured on a GPU.
+    _blocks_per_program = 1
     _step_supports_amp_scaling = True  # GradScaler passes grad_scale and found_inf to step()
 
     def __init_subclass__(cls, **kwargs) -> None:
@@ -166,6 +182,7 @@ class FusedOptimizer(PlansMixin, FeaturesMixin, ChecksMixin, FallbackMixin, Opti
         self._pending_clip = None  # (max_norm, total norm) from clip_grad_norm_, for the next step
         self._loaded = getattr(self, "_loaded", {})  # id(param) -> its state as saved (dtypes kept), while loading
         self._step_count = getattr(self, "_step_count", 0)  # seeds stochastic rounding
+        self._graph_launches = getattr(self, "_graph_launches", {})  # what captured graphs read: kept alive
         tracker.dirty = True
 
     @property
@@ -177,7 +194,7 @@ class FusedOptimizer(PlansMixin, FeaturesMixin, ChecksMixin, FallbackMixin, Opti
 
     def __setstate__(self, state: dict) -> None:
         if "options" in state:  # pickled or deep-copied; load_state_dict keeps the current ones
-            self.options = state.pop("options")
+            self.options = {**_EXTENSIONS, **state.pop("options")}  # options added since then: defaults
         super().__setstate__(state)
         # groups saved by an older version get the constructor's defaults, as torch.optim does
         defaults = {

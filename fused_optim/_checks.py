@@ -25,14 +25,16 @@ def check_like_torch(torch_cls, **kwargs) -> None:
 
 
 def check_extensions(options: dict) -> None:
-    """fused_optim's own arguments (``master_weights``, ``stochastic_rounding``, ``state_dtype``,
-    ``max_grad_norm``)."""
+    """fused_optim's own arguments (``master_weights``, ``stochastic_rounding``, ``rounding_seed``,
+    ``state_dtype``, ``max_grad_norm``)."""
     if options["state_dtype"] is not None and options["state_dtype"] not in REAL_DTYPES:
         raise ValueError(
             f"Invalid state_dtype: {options['state_dtype']} (choose among {', '.join(map(str, REAL_DTYPES))})"
         )
     if options["master_weights"] and options["stochastic_rounding"]:
         raise ValueError("master_weights and stochastic_rounding are exclusive: the master copy keeps full precision")
+    if not isinstance(options["rounding_seed"], int) or isinstance(options["rounding_seed"], bool):
+        raise TypeError(f"rounding_seed must be an int, not {type(options['rounding_seed']).__name__}")
     if options["max_grad_norm"] is not None and not options["max_grad_norm"] > 0:
         raise ValueError(f"Invalid max_grad_norm value: {options['max_grad_norm']}")
 

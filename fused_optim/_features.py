@@ -10,6 +10,7 @@ DTensor params).
 from __future__ import annotations
 
 import math
+import zlib
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -19,7 +20,16 @@ from . import _dtensor
 from .kernels._features import Features
 from .kernels.clip import grad_norm_partials
 
-_SEED = 0x5EED5EED  # stochastic rounding: base of the per-step seeds
+
+def rounding_seed(user_seed: int, group_index: int, segment_index: int, dtype: torch.dtype) -> int:
+    """Stochastic rounding's seed for one segment, from values every rank and every process agree
+    on: the user's seed, the group's index, the segment's index in the group (the order its params
+    first appear: the same on every rank of a replicated model, and different for the segments of
+    one group on two devices, whose flat states both start at element 0), and the dtype; never the
+    device index, never ``hash()`` of an object (a dtype's hash is its address, which differs from
+    process to process). The kernel adds the step and draws per element by its place in the
+    segment's flat state, so replicated params round alike on every rank."""
+    return zlib.crc32(f"{user_seed}:{group_index}:{segment_index}:{dtype}".encode())
 
 
 @dataclass
@@ -76,9 +86,9 @@ class FeaturesMixin:
             lr = group["lr"]
             if isinstance(lr, torch.Tensor) and (lr.device.type != "cpu" or lr.device == seg.device):
                 f.lr_tensor = lr.to(seg.device)  # read by the kernel: no host read, capturable
-            f.seed = _SEED + hash(seg.key) % 65536  # the kernel adds the step count
+            f.seed = seg.seed  # the kernel adds each tensor's step count
         else:
-            f.seed = _SEED + self._step_count * 7919 + hash(seg.key) % 65536
+            f.seed = seg.seed + self._step_count * 7919
         f.grad_scale = inputs.on(seg.device, "grad_scale")
         f.found_inf = inputs.on(seg.device, "found_inf")
         f.clip_coef = inputs.on(seg.device, "clip_coef")

@@ -13,9 +13,10 @@ import torch
 
 from . import _dtensor
 from ._fallback import uses_triton, warn_fallback
+from ._features import rounding_seed
 from ._segments import GroupCache, Launch, Plan, Segment, as_float, is_dense_grad, launch_tables, real_dtype
 from ._state import ParamState, TrackedState
-from .kernels._tables import repoint_grads
+from .kernels import _tables
 
 _data_ptr = torch.Tensor.data_ptr
 
@@ -27,13 +28,59 @@ class PlansMixin:
         """A checked plan for every group, rebuilt where the cache misses: [(plan, grads, pkey, gkey)]."""
         if not isinstance(self.state, TrackedState) or self.state._tracker is not self._tracker:
             self._reset_engine()  # the state container itself was replaced
-        work = [self._prepare(i, group) for i, group in enumerate(self.param_groups)]
-        if self._tracker.dirty or any(plan is None for plan, _, _, _ in work):
+        moves = []  # (plan, gkey, [(launch, rows, addresses)]): grads that moved, applied below
+        work = [self._prepare(i, group, moves) for i, group in enumerate(self.param_groups)]
+        rebuild = self._tracker.dirty or any(plan is None for plan, _, _, _ in work)
+        capture = _tables.capturing()
+        if capture:
+            self._check_capture(rebuild)  # before anything changes
+        moved = {}
+        for plan, gkey, launch_moves in moves:
+            for launch, rows, addrs in launch_moves:
+                _tables.repoint_grads(launch.tables, rows, addrs)
+                moved[id(launch.tables)] = launch.tables
+            plan.gkey = gkey
+        if rebuild:
             self._rebuild(work)
+        for plan, *_ in work:
+            for launch in plan.launches:
+                tables = launch.tables
+                if tables is None:
+                    continue
+                if capture:  # the graph writes every grad address it reads, at every replay
+                    _tables.write_in_graph(tables)
+                    self._graph_launches[id(tables)] = launch  # kept alive: tables, state buffers
+                elif tables.graph_written or id(tables) in moved:
+                    _tables.upload(tables)
         return work
 
-    def _prepare(self, index: int, group):
-        """(cached plan or None, grads, pkey, gkey) for one group; validates whenever the cache misses."""
+    def _check_capture(self, rebuild: bool) -> None:
+        """The CUDA graph capture contract (README, "CUDA graphs"): a captured step allocates no
+        table and copies nothing from the host, so its plan must exist before capture."""
+        name = type(self).__name__
+        if rebuild:
+            raise RuntimeError(
+                f"fused_optim.{name}.step() is being captured in a CUDA graph but has to build its launch "
+                "tables first (first step, new params or options, grads that appeared, vanished or changed "
+                "dtype, shape or layout, a state that was loaded or replaced). Warm up with two eager steps on "
+                "the same params, grads and options before capturing."
+            )
+        for cache in self._caches.values():
+            for seg in cache.segments.values():
+                if seg.scalars_np:
+                    raise RuntimeError(
+                        f"Attempting CUDA graph capture of step() for an instance of {name} but param_groups' "
+                        "capturable is False."
+                    )
+                if seg.stochastic and not seg.device_step:
+                    raise NotImplementedError(
+                        f"fused_optim.{name}: stochastic_rounding inside a CUDA graph needs device step counts "
+                        "(capturable=True); without them every replay would draw the same random bits"
+                    )
+
+    def _prepare(self, index: int, group, moves: list):
+        """(cached plan or None, grads, pkey, gkey) for one group; validates whenever the cache
+        misses. Grads that moved since the plan was made are added to ``moves``, not applied."""
         self._check_options(group)
         params = group["params"]
         grads = [p.grad for p in params]
@@ -51,14 +98,13 @@ class PlansMixin:
             gkey = tuple(-2 if g is None else -1 if g.layout != torch.strided else g.data_ptr() for g in grads)
         cache = self._caches.get(index)
         plan = cache.plan if cache is not None and cache.group is group else None
-        if (
-            plan is not None
-            and not self._tracker.dirty
-            and plan.pkey == pkey
-            and plan.keys == self._signature(group)
-            and (plan.gkey == gkey or _regrad(plan, grads, gkey))
-        ):
-            return plan, grads, pkey, gkey
+        if plan is not None and not self._tracker.dirty and plan.pkey == pkey and plan.keys == self._signature(group):
+            if plan.gkey == gkey:
+                return plan, grads, pkey, gkey
+            launch_moves = _grad_moves(plan, grads, gkey)
+            if launch_moves is not None:
+                moves.append((plan, gkey, launch_moves))
+                return plan, grads, pkey, gkey
         self._validate(index, group, grads)
         return None, grads, pkey, gkey
 
@@ -90,7 +136,7 @@ class PlansMixin:
             if everyone or is_dense_grad(grad) or (state and not sparse_state):
                 members.setdefault((p.device, real_dtype(p.dtype)), []).append(i)
         segments = {}
-        for key, positions in members.items():
+        for ordinal, (key, positions) in enumerate(members.items()):
             seg = cache.segments.get(key)
             same = (
                 seg is not None
@@ -102,20 +148,24 @@ class PlansMixin:
                     _dtensor.real(m).stride() == st or not d for m, st, d in zip(seg.members, seg.strides, seg.dense)
                 )
             )
-            segments[key] = seg if same else self._new_segment(group, key, [params[i] for i in positions], positions)
+            if not same:
+                seg = self._new_segment((index, ordinal), group, key, [params[i] for i in positions], positions)
+            segments[key] = seg
         cache.segments = segments
         cache.norm_classes = list(dict.fromkeys(map(_dtensor.norm_class, params)))
         cache.signature = signature
         cache.plan = None
 
-    def _new_segment(self, group, key, members, positions) -> Segment:
+    def _new_segment(self, place: tuple[int, int], group, key, members, positions) -> Segment:
         """A segment whose flat state starts from what ``self.state`` (or a checkpoint being loaded)
-        holds for its members, initialized as torch would where it holds nothing."""
+        holds for its members, initialized as torch would where it holds nothing. ``place``: the
+        group's index and the segment's, in the order its params first appear in the group."""
         _, dtype = key
         key_dtypes = self._key_dtypes(group, dtype)
         fresh_keys = self._fresh_keys(group)
         stochastic = self.options["stochastic_rounding"] and dtype == torch.bfloat16
         seg = Segment(key, members, positions, key_dtypes, self._scalar_state, self._device_steps(group), stochastic)
+        seg.seed = rounding_seed(self.options["rounding_seed"], *place, dtype)
         scalar_values = {k: [] for k in self._scalar_state}
         tracker = self._tracker
         for i, p in enumerate(members):
@@ -156,7 +206,7 @@ class PlansMixin:
                 continue
             launch = Launch(seg, rows, len(rows) == len(seg.members), None)
             if uses_triton(seg.device):
-                launch.tables = launch_tables(launch, grads, self._num_warps)
+                launch.tables = launch_tables(launch, grads, self._num_warps, self._blocks_per_program)
             else:
                 warn_fallback(seg.device)
             launches.append(launch)
@@ -175,36 +225,31 @@ class PlansMixin:
         return Plan(pkey, gkey, self._signature(group), launches, sparse, where)
 
 
-def _regrad(plan: Plan, grads, gkey) -> bool:
+def _grad_moves(plan: Plan, grads, gkey) -> list | None:
     """The cached plan with only grad storage changed (autograd allocated new grads, as after
-    ``zero_grad(set_to_none=True)`` when the allocator hands out other addresses): point the
-    tables at the new grads and keep the rest. Each moved grad must match the one the plan was
-    checked with in dtype, device, shape and strides, so every check and layout decision still
-    holds. Otherwise (a grad appeared, vanished, turned sparse or changed) False, having
-    changed nothing: the full check then runs and raises where torch would."""
+    ``zero_grad(set_to_none=True)`` when the allocator hands out other addresses): the tables'
+    rows to point at the new grads, [(launch, rows, addresses)]; the rest is kept. Each moved grad
+    must match the one the plan was checked with in dtype, device, shape and strides, so every
+    check and layout decision still holds. Otherwise (a grad appeared, vanished, turned sparse or
+    changed) None: the full check then runs and raises where torch would."""
     old = plan.gkey
     if len(old) != len(gkey):
-        return False
+        return None
     moved: dict = {}  # id(launch) -> (launch, [row], [new address])
     for i, (a, b) in enumerate(zip(old, gkey)):
         if a == b:
             continue
         if a <= 0 or b <= 0:  # -2: no grad, -1: sparse, 0: empty
-            return False
+            return None
         launch, j, meta = plan.where[i]
         g = grads[i]
         if g.dtype != meta[0] or g.device != meta[1] or g.shape != meta[2] or g.stride() != meta[3]:
-            return False
+            return None
         if launch.tables is None or j < 0:
             continue  # torch's implementation, or a staging copy, reads the grad where it is now
         entry = moved.setdefault(id(launch), (launch, [], []))
         entry[1].append(j)
         entry[2].append(b)
-    if any(launch.seg.device.type == "cuda" for launch, _, _ in moved.values()) and (
-        torch.cuda.is_current_stream_capturing()
-    ):
-        return False  # no host-to-device copy inside a graph capture: the full path decides
-    for launch, rows, addrs in moved.values():
-        repoint_grads(launch.tables, np.asarray(rows, dtype=np.int64), np.asarray(addrs, dtype=np.int64))
-    plan.gkey = gkey
-    return True
+    return [
+        (launch, np.asarray(rows, dtype=np.int64), np.asarray(a, dtype=np.int64)) for launch, rows, a in moved.values()
+    ]

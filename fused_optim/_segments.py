@@ -87,6 +87,7 @@ class Segment:
         self.key_dtypes = dict(key_dtypes)
         self.master = "master_param" in key_dtypes
         self.stochastic = stochastic
+        self.seed = 0  # stochastic rounding (``_features.rounding_seed``)
         self.device_step = device_step
         self.shapes, self.strides, self.dense = [], [], []
         offsets, numels, total = [], [], 0
@@ -151,7 +152,7 @@ class Launch:
             _dtensor.real(self.seg.members[i]).copy_(buf)
 
 
-def launch_tables(launch: Launch, grads, num_warps: int) -> Tables:
+def launch_tables(launch: Launch, grads, num_warps: int, blocks: int) -> Tables:
     """The device tables of a launch: each member's param and grad address (or a staging buffer
     where the kernels cannot address it in place), its state offset and numel."""
     seg, rows = launch.seg, launch.rows
@@ -177,7 +178,7 @@ def launch_tables(launch: Launch, grads, num_warps: int) -> Tables:
     flags = np.asarray([FLAG_FRESH if i in seg.fresh else 0 for i in rows.tolist()], dtype=np.int64)
     launch.fresh = bool(flags.any())
     block = block_size(num_warps, seg.flat_itemsize)
-    return build_tables(p_addr, g_addr, seg.offsets[rows], seg.numels[rows], flags, rows, block, seg.device)
+    return build_tables(p_addr, g_addr, seg.offsets[rows], seg.numels[rows], flags, rows, block, seg.device, blocks)
 
 
 @dataclass

@@ -78,12 +78,24 @@ def load_param(p_ptr, m_ptr, offs, mask, C_DTYPE: tl.constexpr, MASTER: tl.const
 
 
 @triton.jit
-def stochastic_bf16(x, seed, offsets):
+def random16(seed, first, N: tl.constexpr):
+    """N independent random 16-bit values (held in uint32) for the elements ``first .. first + N - 1``
+    of a counter space (``first`` a multiple of 8): one Philox draw of four 32-bit words per 8
+    elements, each word split into its two halves, where one draw per element would cost 8x."""
+    counters = (first // 8 + tl.arange(0, N // 8)).to(tl.uint32)
+    r0, r1, r2, r3 = tl.randint4x(seed, counters)
+    words = tl.join(tl.join(r0, r1), tl.join(r2, r3)).to(tl.uint32, bitcast=True)  # [N // 8, 2, 2]
+    return tl.reshape(tl.join(words & 0xFFFF, words >> 16), (N,))  # element 8c + j: half j of draw c
+
+
+@triton.jit
+def stochastic_bf16(x, seed, first, N: tl.constexpr):
     """fp32 -> bf16, rounding up with probability equal to the dropped fraction (unbiased): add
-    16 random bits below the kept ones and truncate. NaN stays NaN; inf stays inf."""
+    16 random bits below the kept ones and truncate. NaN stays NaN; inf stays inf. ``first``: the
+    counter of the block's first element (its place in the flat state), so the bits depend on the
+    seed, the step and the element, never on the program that runs it."""
     bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
-    noise = tl.randint(seed, offsets.to(tl.uint32)).to(tl.uint32, bitcast=True) & 0xFFFF
-    rounded = (bits + noise) >> 16
+    rounded = (bits + random16(seed, first, N)) >> 16
     quiet_nan = ((bits >> 16) & 0x8000) | 0x7FC0
     # select in 32 bits, then narrow: Triton 3.0 widens uint16 | constant to int32
     return tl.where(x != x, quiet_nan, rounded).to(tl.uint16).to(tl.bfloat16, bitcast=True)
@@ -91,13 +103,13 @@ def stochastic_bf16(x, seed, offsets):
 
 @triton.jit
 def store_param(
-    p_ptr, m_ptr, p, offs, mask, seed, rand_offs,
+    p_ptr, m_ptr, p, offs, mask, seed, rand_first, N: tl.constexpr,
     P_DTYPE: tl.constexpr, MASTER: tl.constexpr, STOCHASTIC: tl.constexpr,
 ):  # fmt: skip
     """Store the updated param: into the fp32 master copy and, rounded, the param itself."""
     if MASTER:
         tl.store(m_ptr + offs, p.to(tl.float32), mask=mask)
     if STOCHASTIC:
-        tl.store(p_ptr + offs, stochastic_bf16(p, seed, rand_offs), mask=mask)
+        tl.store(p_ptr + offs, stochastic_bf16(p, seed, rand_first, N), mask=mask)
     else:
         tl.store(p_ptr + offs, to_storage(p, P_DTYPE), mask=mask)

@@ -1,6 +1,7 @@
 """Compile a kernel for a GPU target on any machine (no GPU needed) and read what the compiler made:
 128-bit global accesses, IEEE square roots and divisions, local memory, float64 transcendentals,
-and ptxas's register and spill report. Used by the tests and the benchmarks; needs kernels
+ptxas's register and spill report, and the machine code (SASS) instruction count. Used by the
+tests and the benchmarks; needs kernels
 decorated without TRITON_INTERPRET (run it in a process of its own when the interpreter is on).
 Works with every Triton fused_optim supports (3.3 and newer)."""
 
@@ -76,6 +77,18 @@ def ptxas_report(ptx: str, arch: int = 90) -> dict[str, int]:
         "spill_stores": number(r"(\d+) bytes spill stores"),
         "spill_loads": number(r"(\d+) bytes spill loads"),
     }
+
+
+def sass_instructions(cubin: bytes) -> int:
+    """Machine instructions (SASS, NOPs excluded) in a cubin, as ``cuobjdump -sass`` lists them;
+    one program runs each once per block, so it measures the issue cost of a variant."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "k.cubin"
+        path.write_bytes(cubin)
+        tool = str(Path(_ptxas_path(90)).with_name("cuobjdump"))
+        sass = subprocess.run([tool, "-sass", str(path)], capture_output=True, text=True, check=True).stdout
+    opcodes = re.findall(r"^\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][\w.]*)", sass, re.M)
+    return sum(op.split(".")[0] != "NOP" for op in opcodes)
 
 
 def _ptxas_path(arch: int) -> str:

@@ -10,7 +10,10 @@ Two small int64 tables on the device describe it:
   elements, so every region is 16-byte aligned). ``vector end`` is the number of leading
   elements that may take the unmasked, 128-bit path: ``numel`` rounded down to a whole block
   when param and grad are 16-byte aligned, else 0.
-* the block table, one entry per program: ``tensor index << 32 | block index in the tensor``.
+* the block table, one entry per program: ``tensor index << 32 | chunk index in the tensor``,
+  where a chunk is ``blocks`` consecutive blocks of ``block`` elements (``Tables.blocks``: one
+  block per program, or several, so that the two dependent table loads of a program are paid
+  once for more data; a compile-time constant of the kernels, to be tuned on the GPU).
 
 Also here: the launch wrapper (one place that calls Triton, so tests can record launches) and the
 specialization key a launch compiles under.
@@ -18,7 +21,7 @@ specialization key a launch compiles under.
 
 # No `from __future__ import annotations`: see _jit.
 import inspect
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,19 +56,20 @@ def jit_kernel(*, unspecialized: list[str]):
 
 
 @triton.jit
-def locate(tensor_table, block_table, BLOCK: tl.constexpr):
+def locate(tensor_table, block_table, CHUNK: tl.constexpr):
     """Where this program works: (tensor index, first element, param address, grad address, state
-    offset, numel, full) where ``full`` means the block may use the unmasked 128-bit path."""
+    offset, numel, vector end); a block of the chunk that ends by the vector end may take the
+    unmasked 128-bit path."""
     entry = tl.load(block_table + tl.program_id(0))
     t = entry >> 32
-    start = (entry & 0xFFFFFFFF) * BLOCK
+    start = (entry & 0xFFFFFFFF) * CHUNK
     row = tensor_table + t * 8  # ROW
     p_addr = tl.load(row + 0)
     g_addr = tl.load(row + 1)
     s_off = tl.load(row + 2)
     numel = tl.load(row + 3)
     vec_end = tl.load(row + 4)
-    return t, start, p_addr, g_addr, s_off, numel, start + BLOCK <= vec_end
+    return t, start, p_addr, g_addr, s_off, numel, vec_end
 
 
 @triton.jit
@@ -79,11 +83,15 @@ class Tables:
     """Device tables for one launch; built once and reused while no storage changes."""
 
     tensor_table: torch.Tensor  # int64 [n, ROW]
-    block_table: torch.Tensor  # int64 [n_blocks]
-    n_blocks: int
-    block: int
+    block_table: torch.Tensor  # int64 [n_blocks]: one entry per program
+    n_blocks: int  # programs
+    block: int  # elements per block
     rows: np.ndarray  # the tensor table on the host (shares memory with it on CPU)
     step_table: torch.Tensor | None = None  # per-tensor step scalars written on the device (device steps)
+    blocks: int = 1  # blocks per program
+    stream: object = None  # CUDA stream the tables were last used on (``device_guard``)
+    uploaded: object = None  # CUDA event recorded after the upload (``device_guard``)
+    graph_written: bool = False  # a captured graph rewrites the device table at replay (``repoint_grads``)
 
 
 def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -109,8 +117,10 @@ def build_tables(
     members: np.ndarray,
     block: int,
     device: torch.device,
+    blocks: int = 1,
 ) -> Tables:
-    """Tensor and block tables for tensors laid end to end (all arrays have one entry per tensor)."""
+    """Tensor and block tables for tensors laid end to end (all arrays have one entry per tensor),
+    one program per ``blocks`` blocks of ``block`` elements."""
     n = len(numels)
     numels = numels.astype(np.int64)
     rows = np.empty((n, ROW), dtype=np.int64)
@@ -122,29 +132,84 @@ def build_tables(
     rows[:, COL_FLAGS] = flags
     rows[:, COL_MEMBER] = members
     rows[:, 7] = 0
-    per_tensor = -(-numels // block)  # blocks per tensor (0 for empty tensors)
+    per_tensor = -(-numels // (block * blocks))  # programs per tensor (0 for empty tensors)
     total = int(per_tensor.sum())
     tensor_of_block = np.repeat(np.arange(n, dtype=np.int64), per_tensor)
     first_block = np.repeat(np.cumsum(per_tensor) - per_tensor, per_tensor)
-    blocks = (tensor_of_block << 32) | (np.arange(total, dtype=np.int64) - first_block)
-    return Tables(_to_device(rows, device), _to_device(blocks, device), total, block, rows)
+    entries = (tensor_of_block << 32) | (np.arange(total, dtype=np.int64) - first_block)
+    tables = Tables(_to_device(rows, device), _to_device(entries, device), total, block, rows, blocks=blocks)
+    if device.type == "cuda":
+        tables.stream = torch.cuda.current_stream(device)  # the copies above ran there
+        tables.uploaded = torch.cuda.Event()
+        tables.uploaded.record(tables.stream)
+    return tables
 
 
 def repoint_grads(tables: Tables, which: np.ndarray, grad_addrs: np.ndarray) -> None:
-    """Point rows ``which`` of the tensor table at new grad addresses (grads that autograd
+    """Point rows ``which`` of the host tensor table at new grad addresses (grads that autograd
     reallocated), keeping everything else: the block table depends on numels only. The vector end
-    follows the new grad's alignment. On an accelerator the table is rewritten in place by a
-    stream-ordered copy, so kernels already queued read the old addresses and later ones the new."""
+    follows the new grad's alignment. The device table then follows by ``upload`` (a
+    stream-ordered copy: kernels already queued read the old addresses, later ones the new) or,
+    inside a graph capture, by ``write_in_graph``."""
     rows = tables.rows
     rows[which, COL_GRAD] = grad_addrs
     rows[which, COL_VEC_END] = _vector_end(rows[which, COL_PARAM], grad_addrs, rows[which, COL_NUMEL], tables.block)
-    if tables.tensor_table.device.type != "cpu":
-        tables.tensor_table.copy_(torch.from_numpy(rows).pin_memory(), non_blocking=True)
 
 
-def scalar_table(values: np.ndarray, device: torch.device) -> torch.Tensor:
-    """Per-tensor float64 scalars (used only when tensors of one launch are at different steps)."""
-    return _to_device(np.ascontiguousarray(values, dtype=np.float64), device)
+def upload(tables: Tables) -> None:
+    """Copy the host rows into the device table, on the stream the kernels will read it from. A
+    table a captured graph rewrites at replay is uploaded again before every eager launch
+    (``graph_written``): after a replay its grad columns hold the graph's grads."""
+    if tables.tensor_table.device.type != "cpu":  # on CPU the table is the host rows
+        with device_guard(tables):
+            tables.tensor_table.copy_(torch.from_numpy(tables.rows).pin_memory(), non_blocking=True)
+            tables.uploaded.record(tables.stream)
+
+
+def write_in_graph(tables: Tables) -> None:
+    """Rewrite the grad columns of every row of the device table the way a CUDA graph being
+    captured allows: the values travel as kernel arguments (the scalars of two foreach launches),
+    with no host memory a replay would read and no allocation. Every replay rewrites the same
+    values, the addresses of the graph's own grads, whatever eager steps wrote in between."""
+    n = len(tables.rows)
+    views = [tables.tensor_table[j, c] for j in range(n) for c in (COL_GRAD, COL_VEC_END)]
+    values = tables.rows[:, [COL_GRAD, COL_VEC_END]].reshape(-1).tolist()
+    with device_guard(tables):
+        torch._foreach_zero_(views)
+        torch._foreach_add_(views, values)
+    tables.graph_written = True
+
+
+def capturing() -> bool:
+    """Whether work queued now on the current CUDA stream is being captured into a CUDA graph
+    (without initializing CUDA where nothing has used it: then nothing can be capturing)."""
+    return torch.cuda.is_available() and torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
+
+
+@contextmanager
+def device_guard(tables: Tables):
+    """The device and stream every launch on ``tables`` runs on. Triton launches on the *current*
+    CUDA device and that device's current stream, whatever its arguments' device: the guard makes
+    the tables' device current (when it is not), so params on ``cuda:1`` run there, on that
+    device's current stream. When that stream is not the one the tables were last used on, it
+    first waits for their upload (an event), and the tables are marked as used by it
+    (``record_stream``), so that the caching allocator does not hand their memory out while this
+    stream may still read them. (Inside a graph capture nothing is waited for or marked: capture
+    starts after a device synchronization, and the optimizer keeps what a graph reads alive.)"""
+    device = tables.tensor_table.device
+    if device.type != "cuda":
+        yield
+        return
+    switch = device.index != torch.cuda.current_device()
+    with torch.cuda.device(device) if switch else nullcontext():
+        stream = torch.cuda.current_stream(device)
+        if stream != tables.stream and not torch.cuda.is_current_stream_capturing():
+            stream.wait_event(tables.uploaded)
+            for t in (tables.tensor_table, tables.block_table, tables.step_table):
+                if t is not None:
+                    t.record_stream(stream)
+            tables.stream = stream
+        yield
 
 
 _recorders: list[list] = []
@@ -165,30 +230,26 @@ def _name(jit_function) -> str:
     return getattr(jit_function, "__name__", None) or jit_function.fn.__name__
 
 
-def launch(kernel, tables: Tables, args: tuple, constexprs: dict, num_warps: int) -> None:
-    """Launch ``kernel`` over the blocks of ``tables``; ``args`` follow the two table pointers."""
-    if tables.n_blocks == 0:
-        return
+def launch(kernel, tables: Tables, args: tuple, constexprs: dict, num_warps: int, grid: tuple | None = None) -> None:
+    """Launch ``kernel`` on the tables' device (``device_guard``): over the blocks of ``tables``
+    with ``args`` after the two table pointers, or, given a ``grid``, with ``args`` as they are."""
+    if grid is None:
+        if tables.n_blocks == 0:
+            return
+        grid = (tables.n_blocks,)
+        args = (tables.tensor_table, tables.block_table, *args)
+        constexprs = {**constexprs, "BLOCK": tables.block, "BLOCKS": tables.blocks}
     if _recorders:
-        key = specialization_key(
-            kernel, (tables.tensor_table, tables.block_table, *args), {**constexprs, "BLOCK": tables.block}
-        )
+        key = specialization_key(kernel, args, constexprs)
         name = _name(kernel)
         if "MATH" in constexprs:  # the update kernel: which algorithm
             name += f"[{_name(constexprs['MATH'])}]"
         for log in _recorders:
             log.append((name, key))
-    kernel[(tables.n_blocks,)](
-        tables.tensor_table,
-        tables.block_table,
-        *args,
-        BLOCK=tables.block,
-        **constexprs,
-        num_warps=num_warps,
-        # Explicit so that results do not depend on the Triton version's default; separate
-        # rounding of multiply and add follows torch's CPU single-tensor arithmetic.
-        enable_fp_fusion=False,
-    )
+    with device_guard(tables):
+        # enable_fp_fusion explicit so that results do not depend on the Triton version's default;
+        # separate rounding of multiply and add follows torch's CPU single-tensor arithmetic.
+        kernel[grid](*args, **constexprs, num_warps=num_warps, enable_fp_fusion=False)
 
 
 def specialization_key(kernel, args: tuple, constexprs: dict) -> tuple:

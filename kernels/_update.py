@@ -67,7 +67,8 @@ class Algorithm:
 
 @triton.jit
 def _block(
-    p_addr, g_addr, states, master, s_off, offs, numel, fresh, g_mult, seed, lr, decay, h, k,
+    p_addr, g_addr, states, master, s_off, first, numel, fresh, g_mult, seed, lr, decay, h, k,
+    N: tl.constexpr,  # elements from ``first``
     MATH: tl.constexpr, LIVE: tl.constexpr, O0: tl.constexpr, O1: tl.constexpr, O2: tl.constexpr,
     P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, C_DTYPE: tl.constexpr,
     WEIGHT_DECAY: tl.constexpr, DECOUPLED: tl.constexpr, MAXIMIZE: tl.constexpr,
@@ -77,6 +78,7 @@ def _block(
     p_ptr = as_ptr(p_addr, P_DTYPE, FULL)
     g_ptr = as_ptr(g_addr, P_DTYPE, FULL)
     w_ptr = region(master, s_off, FULL)
+    offs = first + tl.arange(0, N)
     mask = None if FULL else offs < numel
     p = load_param(p_ptr, w_ptr, offs, mask, C_DTYPE, MASTER)
     g = load_grad(g_ptr, offs, mask, g_mult, C_DTYPE, SCALE_GRAD)
@@ -98,7 +100,7 @@ def _block(
         else:
             g = tl.fma(decay, p, g)
     p, s = MATH(p, g, s, fresh, lr, h, k, O0, O1, O2, C_DTYPE)
-    store_param(p_ptr, w_ptr, p, offs, mask, seed, s_off + offs, P_DTYPE, MASTER, STOCHASTIC)
+    store_param(p_ptr, w_ptr, p, offs, mask, seed, s_off + first, N, P_DTYPE, MASTER, STOCHASTIC)
     for i in tl.static_range(len(states)):
         if (LIVE >> i) & 1:
             tl.store(ptrs[i] + offs, to_storage(s[i], S_DTYPE), mask=mask)
@@ -107,7 +109,7 @@ def _block(
 @jit_kernel(unspecialized=[*_H, *_K, "lr", "decay", "seed"])
 def _update_kernel(
     tensor_table,  # *i64 [n, ROW]: param/grad addresses, state offset, numel, vector end, flags, member
-    block_table,  # *i64 [n_blocks]: tensor index << 32 | block index in the tensor
+    block_table,  # *i64 [n_blocks]: tensor index << 32 | chunk index in the tensor (BLOCKS blocks)
     states,  # tuple of flat state buffers, in the algorithm's key order (absent ones: any tensor)
     step_table,  # *f64 [n, N_K + 3]: per-tensor step scalars, lr, decay, step (PER_TENSOR_STEP), else any
     grad_scale,  # AMP: grads are divided by it (HAS_GRAD_SCALE)
@@ -147,10 +149,10 @@ def _update_kernel(
     HAS_CLIP: tl.constexpr,
     MASTER: tl.constexpr,
     STOCHASTIC: tl.constexpr,
-    BLOCK: tl.constexpr,  # elements per program
+    BLOCK: tl.constexpr,  # elements per block (one 16-byte vector per thread and array)
+    BLOCKS: tl.constexpr,  # blocks per program (each block-table entry covers BLOCKS * BLOCK elements)
 ):
-    t, start, p_addr, g_addr, s_off, numel, full = locate(tensor_table, block_table, BLOCK)
-    offs = start + tl.arange(0, BLOCK)
+    t, start, p_addr, g_addr, s_off, numel, vec_end = locate(tensor_table, block_table, BLOCK * BLOCKS)
     if HAS_FOUND_INF:
         go = tl.load(found_inf) == 0
     else:
@@ -181,25 +183,27 @@ def _update_kernel(
             fresh = False
         g_mult = grad_multiplier(grad_scale, clip_coef, HAS_GRAD_SCALE, HAS_CLIP)
         scale_grad = HAS_GRAD_SCALE or HAS_CLIP
-        if full:
-            _block(
-                p_addr, g_addr, states, master, s_off, offs, numel, fresh, g_mult, rseed, lr_c, decay_c, h, k,
-                MATH, LIVE, O0, O1, O2, P_DTYPE, S_DTYPE, C_DTYPE, WEIGHT_DECAY, DECOUPLED, MAXIMIZE, scale_grad,
-                MASTER, STOCHASTIC, True,
-            )  # fmt: skip
-        else:
-            # A tensor's last block, or a block of a tensor whose address is not 16-byte aligned:
-            # masked scalar accesses, in parts so that they need no more registers than the full
-            # path (as one block they take up to twice as many, which then holds for the whole
-            # kernel: 130 instead of 64 for bf16 AMSGrad); parts past the tensor's end are skipped.
-            for part in tl.static_range(MASKED_PARTS):
-                sub = start + part * (BLOCK // MASKED_PARTS)
-                if sub < numel:
-                    _block(
-                        p_addr, g_addr, states, master, s_off, sub + tl.arange(0, BLOCK // MASKED_PARTS), numel, fresh,
-                        g_mult, rseed, lr_c, decay_c, h, k, MATH, LIVE, O0, O1, O2, P_DTYPE, S_DTYPE, C_DTYPE,
-                        WEIGHT_DECAY, DECOUPLED, MAXIMIZE, scale_grad, MASTER, STOCHASTIC, False,
-                    )  # fmt: skip
+        for r in tl.static_range(BLOCKS):
+            first = start + r * BLOCK
+            if first + BLOCK <= vec_end:
+                _block(
+                    p_addr, g_addr, states, master, s_off, first, numel, fresh, g_mult, rseed, lr_c, decay_c, h, k,
+                    BLOCK, MATH, LIVE, O0, O1, O2, P_DTYPE, S_DTYPE, C_DTYPE, WEIGHT_DECAY, DECOUPLED, MAXIMIZE,
+                    scale_grad, MASTER, STOCHASTIC, True,
+                )  # fmt: skip
+            elif first < numel:
+                # A tensor's last block, or a block of a tensor whose address is not 16-byte aligned:
+                # masked scalar accesses, in parts so that they need no more registers than the full
+                # path (as one block they take up to twice as many, which then holds for the whole
+                # kernel: 130 instead of 64 for bf16 AMSGrad); parts past the tensor's end are skipped.
+                for part in tl.static_range(MASKED_PARTS):
+                    sub = first + part * (BLOCK // MASKED_PARTS)
+                    if sub < numel:
+                        _block(
+                            p_addr, g_addr, states, master, s_off, sub, numel, fresh, g_mult, rseed, lr_c, decay_c,
+                            h, k, BLOCK // MASKED_PARTS, MATH, LIVE, O0, O1, O2, P_DTYPE, S_DTYPE, C_DTYPE,
+                            WEIGHT_DECAY, DECOUPLED, MAXIMIZE, scale_grad, MASTER, STOCHASTIC, False,
+                        )  # fmt: skip
 
 
 def _padded(values, slots: int) -> tuple[int, ...]:
@@ -378,7 +382,7 @@ def advance(
             (n, algo.n_step + EXTRA_COLS), dtype=torch.float64, device=tables.block_table.device
         )
     block_t = 256
-    _advance_kernel[(triton.cdiv(n, block_t),)](
+    args = (
         tables.tensor_table,
         features.steps,
         features.steps if aux is None else aux,
@@ -389,18 +393,20 @@ def advance(
         *_padded(hyper, MAX_H),
         float_bits(lr),
         float_bits(weight_decay),
-        SCALARS=algo.device_scalars or _no_scalars,
-        ADVANCE_AUX=algo.advance_aux or _same_aux,
-        N_H=algo.n_hyper,
-        N_K=algo.n_step,
-        USES_AUX=aux is not None,
-        HAS_FOUND_INF=features.found_inf is not None,
-        LR_ON_DEVICE=features.lr_tensor is not None,
-        DECOUPLED=decoupled,
-        **_options(options),
-        BLOCK_T=block_t,
-        num_warps=4,
     )
+    constexprs = {
+        "SCALARS": algo.device_scalars or _no_scalars,
+        "ADVANCE_AUX": algo.advance_aux or _same_aux,
+        "N_H": algo.n_hyper,
+        "N_K": algo.n_step,
+        "USES_AUX": aux is not None,
+        "HAS_FOUND_INF": features.found_inf is not None,
+        "LR_ON_DEVICE": features.lr_tensor is not None,
+        "DECOUPLED": decoupled,
+        **_options(options),
+        "BLOCK_T": block_t,
+    }
+    launch(_advance_kernel, tables, args, constexprs, num_warps=4, grid=(triton.cdiv(n, block_t),))
     return tables.step_table
 
 

@@ -1,6 +1,6 @@
 """Global grad norm for clipping: one reduction launch per segment, partials per program.
 
-Each program reduces its block of grads (sum of squares, or max |g| for the inf-norm) into one
+Each program reduces its blocks of grads (sum of squares, or max |g| for the inf-norm) into one
 partial; the caller combines the partials of every segment on the device (``sum().sqrt()`` or
 ``amax()``), in a fixed order, so the norm is deterministic and never read on the host.
 """
@@ -37,14 +37,21 @@ def _grad_norm_kernel(
     G_DTYPE: tl.constexpr,  # grad element type
     ACC_DTYPE: tl.constexpr,  # fp32, or fp64 for fp64 grads
     NORM_INF: tl.constexpr,  # max |g| instead of the sum of squares
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr,  # elements per block
+    BLOCKS: tl.constexpr,  # blocks per program
 ):
-    _, start, _, g_addr, _, numel, full = locate(tensor_table, block_table, BLOCK)
-    offs = start + tl.arange(0, BLOCK)
-    if full:
-        value = _norm_block(as_ptr(g_addr, G_DTYPE, True), offs, numel, False, ACC_DTYPE, NORM_INF)
-    else:
-        value = _norm_block(as_ptr(g_addr, G_DTYPE, False), offs, numel, True, ACC_DTYPE, NORM_INF)
+    _, start, _, g_addr, _, numel, vec_end = locate(tensor_table, block_table, BLOCK * BLOCKS)
+    value = tl.zeros((), ACC_DTYPE)  # every block's value is >= 0 (or NaN)
+    for r in tl.static_range(BLOCKS):
+        offs = start + r * BLOCK + tl.arange(0, BLOCK)
+        if start + r * BLOCK + BLOCK <= vec_end:
+            part = _norm_block(as_ptr(g_addr, G_DTYPE, True), offs, numel, False, ACC_DTYPE, NORM_INF)
+        else:  # masked (past the end: nothing loaded, 0)
+            part = _norm_block(as_ptr(g_addr, G_DTYPE, False), offs, numel, True, ACC_DTYPE, NORM_INF)
+        if NORM_INF:  # a NaN anywhere makes the partial NaN
+            value = tl.where((part != part) | (part > value), part, value)
+        else:
+            value += part
     tl.store(partials + tl.program_id(0), value)
 
 

@@ -22,6 +22,10 @@ if not torch.cuda.is_available() and os.environ.get("FUSED_OPTIM_TEST_FALLBACK")
     os.environ["TRITON_INTERPRET"] = "1"
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+if DEVICE.type == "cuda":  # a driver older than Triton's ptxas would refuse every kernel
+    from benchmarks import toolchain
+
+    print(toolchain.check())
 
 
 @pytest.fixture

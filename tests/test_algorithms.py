@@ -98,7 +98,13 @@ def test_bad_arguments_raise_like_torch(name):
         assert (type(ours.value), str(ours.value)) == (type(theirs.value), str(theirs.value)), kwargs
 
 
-EXTENSIONS = [("master_weights", False), ("stochastic_rounding", False), ("state_dtype", None), ("max_grad_norm", None)]
+EXTENSIONS = [
+    ("master_weights", False),
+    ("stochastic_rounding", False),
+    ("rounding_seed", 0),
+    ("state_dtype", None),
+    ("max_grad_norm", None),
+]
 
 
 @pytest.mark.parametrize("name", [*ALGORITHMS, "Adam", "AdamW"])

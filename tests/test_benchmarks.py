@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,3 +99,38 @@ def test_runs_of_separate_workloads_add_up_and_compile_can_be_capped(tmp_path, c
     assert main(["--workloads", "host", *common]) == 0  # measured again: replaced, not duplicated
     again = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert sorted((r["workload"], r["provider"]) for r in again) == sorted((r["workload"], r["provider"]) for r in rows)
+
+
+def _fake_ptxas(folder: Path, release: str) -> str:
+    path = folder / f"ptxas-{release}"
+    path.write_text(f"#!/bin/sh\necho 'Cuda compilation tools, release {release}, V{release}.1'\n")
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_toolchain_points_triton_at_a_ptxas_the_driver_accepts(tmp_path, monkeypatch):
+    """A driver older than Triton's bundled ptxas would refuse every kernel: the GPU scripts then
+    use the newest toolkit ptxas that is not newer than the driver, or stop with the reason."""
+    from benchmarks import toolchain
+
+    bundled, old, older, newer = (_fake_ptxas(tmp_path, r) for r in ("13.1", "13.0", "12.8", "13.2"))
+    monkeypatch.setattr(toolchain, "triton_ptxas", lambda arch=90: bundled)
+    monkeypatch.setattr(toolchain, "toolkit_ptxas", lambda: [older, newer, old])
+    environ = {}
+    monkeypatch.setattr(toolchain, "driver_cuda_version", lambda: (13, 1))
+    assert "accepts" in toolchain.check(environ) and environ == {}
+    monkeypatch.setattr(toolchain, "driver_cuda_version", lambda: (13, 0))
+    assert old in toolchain.check(environ)
+    assert environ == dict.fromkeys(toolchain.ENV_KEYS, old)
+    monkeypatch.setattr(toolchain, "driver_cuda_version", lambda: (12, 4))
+    with pytest.raises(RuntimeError, match=r"no ptxas of CUDA <= 12\.4"):
+        toolchain.check({})
+    monkeypatch.setattr(toolchain, "driver_cuda_version", lambda: None)
+    assert "no CUDA driver" in toolchain.check(environ)
+
+
+def test_toolchain_reads_real_ptxas_versions():
+    from benchmarks import toolchain
+
+    assert toolchain.ptxas_version(toolchain.triton_ptxas()) >= (12, 0)
+    assert toolchain.ptxas_version("/nonexistent/ptxas") is None

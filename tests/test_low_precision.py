@@ -99,3 +99,72 @@ def test_no_less_accurate_than_torch_low_precision(dtype, name, kwargs, device):
 
     ours, theirs = error(params), error(native)
     assert ours <= theirs * 1.01, f"fused mean error {ours:.3e} vs torch's {dtype} path {theirs:.3e}"
+
+
+# --- stochastic rounding is reproducible across processes and ranks -----------------------------
+SR_RUN = """
+import hashlib, os, sys
+import torch
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+import fused_optim
+
+device = "cuda" if torch.cuda.is_available() else "cpu"
+gen = torch.Generator().manual_seed(0)
+params = [torch.randn(s, generator=gen).to(device, torch.bfloat16).requires_grad_() for s in [(300,), (17, 9)]]
+opt = fused_optim.AdamW(
+    params, lr=1e-2, stochastic_rounding=True, rounding_seed=int(sys.argv[1]), capturable=sys.argv[2] == "1"
+)
+for step in range(3):
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen).to(device, torch.bfloat16)
+    opt.step()
+print(hashlib.sha256(b"".join(p.detach().cpu().view(torch.int16).numpy().tobytes() for p in params)).hexdigest())
+"""
+
+
+def _bits_in_a_fresh_process(seed: int, capturable: bool, hash_seed: str) -> str:
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONHASHSEED"] = hash_seed
+    out = subprocess.run(
+        [sys.executable, "-c", SR_RUN, str(seed), str(int(capturable))],
+        capture_output=True, text=True, env=env, timeout=300, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout.split()[-1]
+
+
+@pytest.mark.parametrize("capturable", [False, True], ids=["host steps", "device steps"])
+def test_stochastic_rounding_gives_the_same_bits_in_every_process(capturable):
+    """Two processes (two ranks holding replicated params, or a rerun) with the same inputs round
+    alike, bit for bit: the seed comes from the rounding_seed, group index, dtype and step, never
+    from the process (a dtype's hash() is its address) or the device. Another rounding_seed draws
+    other bits."""
+    first = _bits_in_a_fresh_process(0, capturable, "1")
+    assert _bits_in_a_fresh_process(0, capturable, "2") == first
+    assert _bits_in_a_fresh_process(7, capturable, "3") != first
+
+
+def test_rounding_seeds_come_from_stable_values():
+    """Each segment's seed is made of the rounding_seed, the group's index, the segment's place in
+    the group and the dtype (``rounding_seed``), never of the process or the device index."""
+    from fused_optim._features import rounding_seed
+
+    groups = [[torch.nn.Parameter(torch.randn(4).bfloat16())] for _ in range(2)]
+    opt = fused_optim.SGD([{"params": g} for g in groups], lr=0.1, stochastic_rounding=True, rounding_seed=7)
+    for g in groups:
+        g[0].grad = torch.ones_like(g[0])
+    opt.step()
+    seeds = [seg.seed for i in (0, 1) for seg in opt._caches[i].segments.values()]
+    assert seeds == [rounding_seed(7, i, 0, torch.bfloat16) for i in (0, 1)]
+    assert len({rounding_seed(7, 0, s, torch.bfloat16) for s in range(4)}) == 4  # segments of one group differ
+
+
+def test_rounding_seed_is_checked():
+    p = torch.nn.Parameter(torch.zeros(3, dtype=torch.bfloat16))
+    with pytest.raises(TypeError, match="rounding_seed must be an int"):
+        fused_optim.SGD([p], lr=0.1, stochastic_rounding=True, rounding_seed=0.5)

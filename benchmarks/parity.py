@@ -24,6 +24,7 @@ CASES = [
     ("NAdam", {"decoupled_weight_decay": True, "weight_decay": 0.01}),
     ("RAdam", {"weight_decay": 0.01}),
     ("Adamax", {"weight_decay": 0.01}),
+    ("Rprop", {"etas": (0.4, 1.3)}),
 ]
 
 

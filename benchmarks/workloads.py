@@ -15,6 +15,7 @@ ALGORITHMS: dict[str, dict] = {
     "NAdam": {},
     "RAdam": {},
     "Adamax": {},
+    "Rprop": {},
 }
 
 

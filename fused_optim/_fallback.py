@@ -44,6 +44,17 @@ def _state_key(list_name: str) -> str:
     return list_name.removesuffix("_list") if list_name.endswith("_list") else list_name.removesuffix("s")
 
 
+# torch's functional arguments that are one element of a group's pair
+_PAIRS = {
+    "beta1": ("betas", 0),
+    "beta2": ("betas", 1),
+    "etaminus": ("etas", 0),
+    "etaplus": ("etas", 1),
+    "step_size_min": ("step_sizes", 0),
+    "step_size_max": ("step_sizes", 1),
+}
+
+
 class FallbackMixin:
     """torch's implementation inside ``FusedOptimizer``."""
 
@@ -73,8 +84,9 @@ class FallbackMixin:
                 else []
             )
         for name in names[2 + len(lists) :]:
-            if name in ("beta1", "beta2"):
-                kwargs[name] = group["betas"][name == "beta2"]
+            if name in _PAIRS:
+                key, index = _PAIRS[name]
+                kwargs[name] = group[key][index]
             elif name == "has_complex":
                 kwargs[name] = any(torch.is_complex(p) for p in params)
             elif name == "has_sparse_grad":
@@ -97,13 +109,18 @@ class FallbackMixin:
         if inputs.found_inf is not None and bool(inputs.found_inf):  # this path runs on CPU: no sync to avoid
             return
         rows = launch.rows.tolist()
-        params = [seg.members[i] for i in rows]
+        # DTensor params: torch's element-wise code runs on the local shards, as the kernels do
+        # (some of it has no sharding rule: Rprop's masked assignments), with their state's shards
+        members = [seg.members[i] for i in rows]
+        params = [_dtensor.local(p) for p in members]
         grads = [_dtensor.local(grads[seg.group_index[i]]) for i in rows]
         factor = inputs.factor()
         if factor is not None:
             grads = [g * factor.to(g.device) for g in grads]
-        grads = [_dtensor.like_param(g, p) for g, p in zip(grads, params)]  # DTensor params get DTensor grads
-        states = [self.state[p] for p in params]
+        states = [
+            {k: _dtensor.local(v) for k, v in self.state[p].items()} if _dtensor.is_dtensor(p) else self.state[p]
+            for p in members
+        ]
         fresh = [i in seg.fresh for i in rows]
         if seg.master:  # update the fp32 master copies, then round them into the params
             masters = [s["master_param"] for s in states]

@@ -15,6 +15,7 @@ from .adamax import ADAMAX
 from .nadam import NADAM
 from .radam import RADAM
 from .rmsprop import RMSPROP
+from .rprop import RPROP
 from .sgd import SGD
 
 ALGORITHMS = {
@@ -25,6 +26,7 @@ ALGORITHMS = {
     "nadam": NADAM,
     "radam": RADAM,
     "rmsprop": RMSPROP,
+    "rprop": RPROP,
     "sgd": SGD,
 }
 

@@ -119,6 +119,17 @@ ALGORITHMS = {
         Config("maximize", {"lr": 0.05, "maximize": True}),
         Config("everything", {"lr": 0.05, "betas": (0.7, 0.95), "eps": 1e-6, "weight_decay": 0.05, "maximize": True}),
     ],
+    "Rprop": [
+        Config("defaults"),
+        Config("lr", {"lr": 0.05}),
+        Config("etas", {"lr": 0.02, "etas": (0.3, 1.5)}),
+        Config("step_sizes clamp", {"lr": 0.05, "step_sizes": (1e-2, 0.08)}),
+        Config("maximize", {"maximize": True}),
+        Config("tensor lr", {"lr": torch.tensor(0.03)}),
+        # values exact in bf16/fp16: torch's low-precision path rounds etas, bounds and the initial
+        # step size (lr) to the param dtype, which the low-precision tests would otherwise measure
+        Config("everything", {"lr": 2**-5, "etas": (0.375, 1.25), "step_sizes": (2**-10, 2**-4), "maximize": True}),
+    ],
 }
 
 # Arguments torch rejects, per algorithm: fused_optim must raise the same error with the same text.
@@ -153,6 +164,7 @@ BAD_ARGS = {
     ],
     "RAdam": [{"lr": -1.0}, {"eps": -1.0}, {"betas": (1.0, 0.9)}, {"betas": (0.9, -0.1)}, {"weight_decay": -1.0}],
     "Adamax": [{"lr": -1.0}, {"eps": -1.0}, {"betas": (1.0, 0.9)}, {"betas": (0.9, 1.5)}, {"weight_decay": -1.0}],
+    "Rprop": [{"lr": -1.0}, {"etas": (1.5, 1.2)}, {"etas": (0.5, 0.9)}, {"lr": torch.tensor([0.1, 0.2])}],
 }
 
 

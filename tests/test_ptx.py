@@ -147,6 +147,8 @@ CASES = [
     _case("nadam", "fp32", ADAM, 4, 3, registers=(62, 44), flags=dict(DEVICE, DECOUPLED=True)),
     _case("radam", "fp32", ADAM, 4, 3, registers=(60, 40), flags=DEVICE),
     _case("adamax", "fp32", ["exp_avg", "exp_inf"], 4, 3, registers=(48, 37), sqrt=False),
+    _case("rprop", "fp32", ["prev", "step_size"], 4, 3, registers=(32, 32), sqrt=False, div=False),
+    _case("rprop", "bf16", ["prev", "step_size"], 4, 3, registers=(36, 36), sqrt=False, div=False),
     _case("adamax", "fp64", ["exp_avg", "exp_inf"], 4, 3, registers=(52, 47), sqrt=False, flags=DEVICE),
     # AMP (grad scale, inf skip), clipping, device step counts and a device lr: the same accesses
     _case(

@@ -25,6 +25,7 @@ CASES = [
     ("RAdam", {"weight_decay": 0.01}),
     ("Adamax", {"weight_decay": 0.01}),
     ("Rprop", {"etas": (0.4, 1.3)}),
+    ("ASGD", {"t0": 10, "weight_decay": 0.01}),
 ]
 
 

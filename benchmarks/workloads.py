@@ -16,6 +16,7 @@ ALGORITHMS: dict[str, dict] = {
     "RAdam": {},
     "Adamax": {},
     "Rprop": {},
+    "ASGD": {},
 }
 
 

@@ -53,7 +53,8 @@ class FusedOptimizer(PlansMixin, FeaturesMixin, ChecksMixin, FallbackMixin, Opti
       state, in float64 as torch's single-tensor code computes them;
     * where they differ from the defaults: ``_tensor_state_keys(group)`` (the states this group
       keeps, in torch's order), ``_scalar_state`` (per-parameter scalar state and its initial
-      value; advanced by ``_advance_scalars`` on the host, by the kernels on the device),
+      value, or ``_initial_scalars(group)`` where that depends on the group; advanced by
+      ``_advance_scalars`` on the host, by the kernels on the device),
       ``_init_region`` (initial state values), ``_fresh_keys`` (state torch creates from the first
       grad), ``_eager_state`` (state made at construction), ``_sparse_ok``/``_sparse_error``,
       ``_fixed`` (group entries the class forces, as AdamW's decoupled decay).
@@ -159,8 +160,14 @@ class FusedOptimizer(PlansMixin, FeaturesMixin, ChecksMixin, FallbackMixin, Opti
         """Initial value of a state region (torch's state initialization)."""
         region.zero_()
 
+    def _initial_scalars(self, group) -> dict[str, float]:
+        """Initial values of the per-parameter scalar state (``_scalar_state``) in ``group``."""
+        return self._scalar_state
+
     def _advance_scalars(self, group, scalars: dict[str, np.ndarray]) -> None:
-        """Advance the host scalar state of the params being updated, in place (torch: step += 1)."""
+        """Advance the host scalar state of the params being updated, in place (torch: step += 1).
+        It may add entries (values this step uses) that ``_step_scalars`` reads; only the keys of
+        ``_scalar_state`` are kept."""
         scalars["step"] += 1
 
     def _check_sparse(self, group) -> None:
@@ -277,7 +284,7 @@ class FusedOptimizer(PlansMixin, FeaturesMixin, ChecksMixin, FallbackMixin, Opti
         decoupled = bool(group.get("decoupled_weight_decay", False))
         hyper, options = self._hyper(group), self._options(group)
         if seg.device_step:
-            aux = next((v for k, v in seg.scalars.items() if k != "step"), None)  # NAdam's mu_product
+            aux = tuple(v for k, v in seg.scalars.items() if k != "step")  # NAdam's mu_product, ASGD's eta, mu
             scalars = advance(
                 self._algorithm, launch.tables, features, lr=lr, hyper=hyper, options=options,
                 weight_decay=weight_decay, decoupled=decoupled, aux=aux,

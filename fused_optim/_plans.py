@@ -182,7 +182,7 @@ class PlansMixin:
                     seg.fresh.add(i)  # the kernel writes it on this param's first step
                 else:
                     self._init_region(group, k, region, p)
-            for k, initial in self._scalar_state.items():
+            for k, initial in self._initial_scalars(group).items():
                 scalar_values[k].append(as_float(source[k]) if k in source else initial)
             new = ParamState(tracker)
             for k in self._scalar_state:

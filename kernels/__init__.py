@@ -12,6 +12,7 @@ from .adadelta import ADADELTA
 from .adagrad import ADAGRAD
 from .adam import ADAM
 from .adamax import ADAMAX
+from .asgd import ASGD
 from .nadam import NADAM
 from .radam import RADAM
 from .rmsprop import RMSPROP
@@ -22,6 +23,7 @@ ALGORITHMS = {
     "adadelta": ADADELTA,
     "adagrad": ADAGRAD,
     "adam": ADAM,
+    "asgd": ASGD,
     "adamax": ADAMAX,
     "nadam": NADAM,
     "radam": RADAM,

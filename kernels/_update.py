@@ -16,9 +16,11 @@ a ``@triton.jit`` function that computes them on the device:
   order (a state absent from this launch holds a placeholder that is neither loaded nor stored),
   ``h`` the hyperparameters, ``k`` the step scalars, ``lr``, all in C_DTYPE; ``fresh`` is true on
   a tensor's first step (``uses_fresh``); ``O0..O2`` its constexpr options.
-* ``device_scalars(step, aux, lr, h, O0, O1, O2) -> k`` the step scalars from float64 inputs,
-  as the host computes them from host step counts; ``advance_aux(aux, step, h) -> aux`` advances
-  a per-parameter scalar kept beside ``step`` (NAdam's mu_product).
+* ``device_scalars(step, aux, lr, h, O0, O1, O2) -> k`` the step scalars from float64 inputs (the
+  step already advanced; ``aux`` the tuple of per-parameter scalars kept beside it, as they were
+  before this step), as the host computes them from host step counts;
+  ``advance_aux(aux, step, lr, h) -> aux`` advances those scalars (NAdam's mu_product, ASGD's eta
+  and mu), in their own dtype.
 
 Step scalars come from the launch arguments when every tensor of the launch is at the same host
 step, else from a per-tensor float64 table ``[n, N_K + 3]`` whose columns are the ``N_K`` step
@@ -61,7 +63,8 @@ class Algorithm:
     n_hyper: int  # hyperparameters (``h``)
     n_step: int = 0  # step scalars (``k``)
     device_scalars: object = None  # @triton.jit, computing ``k`` on the device
-    advance_aux: object = None  # @triton.jit, advancing a per-parameter scalar besides ``step``
+    advance_aux: object = None  # @triton.jit, advancing the per-parameter scalars besides ``step``
+    n_aux: int = 0  # per-parameter scalars besides ``step`` that the device advances
     uses_fresh: bool = False  # state created from the first grad (FLAG_FRESH)
 
 
@@ -288,7 +291,7 @@ def _no_scalars(step, aux, lr, h, O0, O1, O2):
 
 
 @triton.jit
-def _same_aux(aux, step, h):
+def _same_aux(aux, step, lr, h):
     return aux
 
 
@@ -296,7 +299,7 @@ def _same_aux(aux, step, h):
 def _advance_kernel(
     tensor_table,  # *i64 [n, ROW]: the launch's tensor table (member column)
     steps,  # device step counts of the segment (per member)
-    aux,  # a per-parameter device scalar besides step (USES_AUX), else any tensor
+    aux,  # tuple of the N_AUX per-parameter device scalars besides step (else a 1-tuple of any tensor)
     step_table,  # *f64 [n, N_K + 3]: written here, read by the update kernel
     found_inf,  # AMP: nonzero means this step is skipped (HAS_FOUND_INF)
     lr_ptr,  # lr on the device (LR_ON_DEVICE)
@@ -313,7 +316,7 @@ def _advance_kernel(
     ADVANCE_AUX: tl.constexpr,  # the algorithm's advance_aux
     N_H: tl.constexpr,
     N_K: tl.constexpr,
-    USES_AUX: tl.constexpr,
+    N_AUX: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
     LR_ON_DEVICE: tl.constexpr,
     DECOUPLED: tl.constexpr,
@@ -339,17 +342,18 @@ def _advance_kernel(
     h = ()
     for j in tl.static_range(N_H):
         h = h + (hp(hb[j], tl.float64),)
-    a = 0.0
-    if USES_AUX:
-        a = tl.load(aux + member, mask=ok, other=1)
-        a = tl.where(advance, ADVANCE_AUX(a, step64, h), a)
-        tl.store(aux + member, a, mask=ok)
-        a = a.to(tl.float64)
     if LR_ON_DEVICE:
         lr64 = tl.load(lr_ptr).to(tl.float64)
     else:
         lr64 = hp(lr, tl.float64)
-    k = SCALARS(step64, a, lr64, h, O0, O1, O2)
+    old = ()
+    for j in tl.static_range(N_AUX):
+        old = old + (tl.load(aux[j] + member, mask=ok, other=1),)
+    if N_AUX > 0:
+        new = ADVANCE_AUX(old, step64, lr64, h)
+        for j in tl.static_range(N_AUX):
+            tl.store(aux[j] + member, tl.where(advance, new[j], old[j]), mask=ok)
+    k = SCALARS(step64, old, lr64, h, O0, O1, O2)
     row = step_table + i * (N_K + 3)  # EXTRA_COLS
     for j in tl.static_range(N_K):
         tl.store(row + j, k[j], mask=ok)
@@ -372,7 +376,7 @@ def advance(
     options: tuple = (),
     weight_decay: float = 0.0,
     decoupled: bool = False,
-    aux: torch.Tensor | None = None,
+    aux: tuple[torch.Tensor, ...] = (),
 ) -> torch.Tensor:
     """Advance the device step counts of the tensors in ``tables`` (and ``aux``) and compute their
     step scalars into the launch's per-tensor table, which it returns (one small launch)."""
@@ -385,7 +389,7 @@ def advance(
     args = (
         tables.tensor_table,
         features.steps,
-        features.steps if aux is None else aux,
+        aux or (features.steps,),
         tables.step_table,
         features.steps if features.found_inf is None else features.found_inf,
         features.steps if features.lr_tensor is None else features.lr_tensor,
@@ -399,7 +403,7 @@ def advance(
         "ADVANCE_AUX": algo.advance_aux or _same_aux,
         "N_H": algo.n_hyper,
         "N_K": algo.n_step,
-        "USES_AUX": aux is not None,
+        "N_AUX": len(aux),
         "HAS_FOUND_INF": features.found_inf is not None,
         "LR_ON_DEVICE": features.lr_tensor is not None,
         "DECOUPLED": decoupled,

@@ -39,12 +39,14 @@ def _mu(step, h):
 
 
 @triton.jit
-def nadam_advance(mu_product, step, h):
-    return mu_product * _mu(step, h).to(mu_product.dtype)  # mu_product *= mu, in its dtype
+def nadam_advance(aux, step, lr, h):
+    (mu_product,) = aux
+    return (mu_product * _mu(step, h).to(mu_product.dtype),)  # mu_product *= mu, in its dtype
 
 
 @triton.jit
-def nadam_scalars(step, mu_product, lr, h, O0, O1, O2):
+def nadam_scalars(step, aux, lr, h, O0, O1, O2):
+    mu_product = nadam_advance(aux, step, lr, h)[0].to(tl.float64)  # this step's, as torch reads it
     mu = _mu(step, h)
     mu_next = _mu(step + 1.0, h)
     bc2 = 1.0 - pow64(h[1], step)
@@ -54,5 +56,11 @@ def nadam_scalars(step, mu_product, lr, h, O0, O1, O2):
 
 
 NADAM = Algorithm(
-    nadam_math, ("exp_avg", "exp_avg_sq"), n_hyper=6, n_step=3, device_scalars=nadam_scalars, advance_aux=nadam_advance
+    nadam_math,
+    ("exp_avg", "exp_avg_sq"),
+    n_hyper=6,
+    n_step=3,
+    device_scalars=nadam_scalars,
+    advance_aux=nadam_advance,
+    n_aux=1,
 )

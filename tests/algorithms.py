@@ -130,6 +130,18 @@ ALGORITHMS = {
         # step size (lr) to the param dtype, which the low-precision tests would otherwise measure
         Config("everything", {"lr": 2**-5, "etas": (0.375, 1.25), "step_sizes": (2**-10, 2**-4), "maximize": True}),
     ],
+    "ASGD": [
+        Config("defaults"),
+        Config("lr", {"lr": 0.05}),
+        Config("lambd and alpha", {"lr": 0.05, "lambd": 0.01, "alpha": 0.5}),
+        Config("averaging from step 2", {"lr": 0.05, "t0": 2}),
+        Config("weight_decay", {"lr": 0.05, "weight_decay": 0.1}),
+        Config("maximize", {"lr": 0.05, "maximize": True}),
+        Config("tensor lr", {"lr": torch.tensor(0.03)}),
+        Config(
+            "everything", {"lr": 0.05, "lambd": 0.01, "alpha": 0.6, "t0": 3, "weight_decay": 0.05, "maximize": True}
+        ),
+    ],
 }
 
 # Arguments torch rejects, per algorithm: fused_optim must raise the same error with the same text.
@@ -164,6 +176,7 @@ BAD_ARGS = {
     ],
     "RAdam": [{"lr": -1.0}, {"eps": -1.0}, {"betas": (1.0, 0.9)}, {"betas": (0.9, -0.1)}, {"weight_decay": -1.0}],
     "Adamax": [{"lr": -1.0}, {"eps": -1.0}, {"betas": (1.0, 0.9)}, {"betas": (0.9, 1.5)}, {"weight_decay": -1.0}],
+    "ASGD": [{"lr": -1.0}, {"weight_decay": -1.0}, {"lr": torch.tensor([0.1, 0.2])}],
     "Rprop": [{"lr": -1.0}, {"etas": (1.5, 1.2)}, {"etas": (0.5, 0.9)}, {"lr": torch.tensor([0.1, 0.2])}],
 }
 

@@ -58,12 +58,12 @@ SCRIPT = textwrap.dedent(
         )
         out[case["id"]] = report(compile_for(_update_kernel, types, constexprs, num_warps=warps))
     for name, algo in ALGORITHMS.items():  # device step counts: one small launch per segment
-        types = {"tensor_table": "*i64", "steps": "*fp32", "aux": "*fp32", "step_table": "*fp64",
-                 "found_inf": "*fp32", "lr_ptr": "*fp32"}
+        types = {"tensor_table": "*i64", "steps": "*fp32", "aux": ("*fp32",) * max(algo.n_aux, 1),
+                 "step_table": "*fp64", "found_inf": "*fp32", "lr_ptr": "*fp32"}
         constexprs = dict(
             SCALARS=algo.device_scalars or _no_scalars,
             ADVANCE_AUX=algo.advance_aux or _same_aux, N_H=algo.n_hyper, N_K=algo.n_step,
-            USES_AUX=algo.advance_aux is not None, HAS_FOUND_INF=True, LR_ON_DEVICE=True, DECOUPLED=True,
+            N_AUX=algo.n_aux, HAS_FOUND_INF=True, LR_ON_DEVICE=True, DECOUPLED=True,
             O0=False, O1=False, O2=False, BLOCK_T=256,
         )
         out[f"advance-{name}"] = report(compile_for(_advance_kernel, types, constexprs, num_warps=4))
@@ -148,6 +148,7 @@ CASES = [
     _case("radam", "fp32", ADAM, 4, 3, registers=(60, 40), flags=DEVICE),
     _case("adamax", "fp32", ["exp_avg", "exp_inf"], 4, 3, registers=(48, 37), sqrt=False),
     _case("rprop", "fp32", ["prev", "step_size"], 4, 3, registers=(32, 32), sqrt=False, div=False),
+    _case("asgd", "fp32", ["ax"], 3, 2, registers=(32, 32), sqrt=False, div=False, flags=DEVICE),
     _case("rprop", "bf16", ["prev", "step_size"], 4, 3, registers=(36, 36), sqrt=False, div=False),
     _case("adamax", "fp64", ["exp_avg", "exp_inf"], 4, 3, registers=(52, 47), sqrt=False, flags=DEVICE),
     # AMP (grad scale, inf skip), clipping, device step counts and a device lr: the same accesses

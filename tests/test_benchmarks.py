@@ -134,3 +134,38 @@ def test_toolchain_reads_real_ptxas_versions():
 
     assert toolchain.ptxas_version(toolchain.triton_ptxas()) >= (12, 0)
     assert toolchain.ptxas_version("/nonexistent/ptxas") is None
+
+
+def test_gpu_check_rehearses_every_part_on_cpu(tmp_path):
+    """The GPU proof script's dry run: every part (toolchain, tests on the device, the >2^31-element
+    tensor check at a tiny size, benchmarks, targets summary) runs and records its outcome; a rerun
+    of one part keeps the others' records."""
+    text = _run_module("benchmarks.gpu_check", "--dry-run", "--out", str(tmp_path))
+    assert "every part passed" in text
+    record = json.loads((tmp_path / "parts.json").read_text())
+    assert list(record) == ["toolchain", "tests", "large", "bench", "summary"]
+    assert all(part["ok"] and part["dry_run"] for part in record.values())
+    assert "not performance figures" in (tmp_path / "summary.txt").read_text()
+    _run_module("benchmarks.gpu_check", "--dry-run", "--out", str(tmp_path), "--parts", "summary")
+    assert json.loads((tmp_path / "parts.json").read_text()).keys() == record.keys()
+
+
+def test_gpu_check_targets_say_met_or_missed_by_how_much():
+    from benchmarks.gpu_check import targets
+
+    def row(workload, algorithm, provider, ms, **extra):
+        return {"workload": workload, "algorithm": algorithm, "provider": provider, "median_ms": ms,
+                "n_params": 1 << 26, "n_tensors": 64, **extra}  # fmt: skip
+
+    rows = [
+        row("sizes", "Adam", "fused_optim", 1.0, pct_of_copy=95.0),
+        row("sizes", "Adam", "fused_optim", 1.0, pct_of_copy=90.0, n_params=1 << 28),
+        *(row("algorithms", a, "fused_optim", 1.0) for a in ("Adam", "AdamW", "SGD")),
+        *(row("algorithms", a, "torch fused", 1.2) for a in ("Adam", "AdamW", "SGD")),
+        row("host", "AdamW", "fused_optim", None, host_us=40.0),
+    ]
+    lines = targets(rows)
+    assert lines[0].startswith(">= 93% of copy bandwidth") and "missed by 3.0 points" in lines[0]
+    assert "met; Adam 1.20x" in lines[1]
+    assert "not measured" in lines[2]
+    assert any("host time" in line and "met; 40 us" in line for line in lines)

@@ -27,6 +27,7 @@ import argparse
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -34,16 +35,18 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("toolchain", "tests", "large", "bench", "summary")
-BUDGET = {"toolchain": 0.03, "tests": 0.45, "large": 0.1, "bench": 0.4, "summary": 0.02}  # shares of --budget
-WORKLOADS = ("algorithms", "sizes", "counts", "features", "models", "host")
+BUDGET = {"toolchain": 0.07, "tests": 0.42, "large": 0.1, "bench": 0.39, "summary": 0.02}  # shares of --budget
+WORKLOADS = ("sizes", "algorithms", "counts", "host", "features", "models")  # what most targets need first
 DRY_TESTS = ["tests/test_launches.py", "-k", "capture or guard"]  # the suite itself runs in CI anyway
 DRY_WORKLOADS = ("algorithms", "host")  # the runner's every workload is smoke-tested in CI
 
 
 def _env(dry_run: bool) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    if dry_run:
+    env["PYTHONUNBUFFERED"] = "1"
+    if dry_run:  # really on CPU, also on a GPU machine
         env["TRITON_INTERPRET"] = "1"
+        env["CUDA_VISIBLE_DEVICES"] = ""
     return env
 
 
@@ -52,14 +55,17 @@ def _run(cmd: list[str], timeout: float, dry_run: bool, log: Path) -> tuple[int,
     with log.open("a") as f:
         f.write(f"\n$ {' '.join(cmd)}\n")
         f.flush()
+        # a session of its own: a timeout kills the whole tree (pytest's xdist workers, their jobs)
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=_env(dry_run), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True,
+        )  # fmt: skip
         try:
-            done = subprocess.run(
-                cmd, cwd=ROOT, env=_env(dry_run), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                timeout=max(timeout, 1), check=False,
-            )  # fmt: skip
-            out, code = done.stdout, done.returncode
-        except subprocess.TimeoutExpired as err:
-            out = (err.stdout or b"").decode() if isinstance(err.stdout, bytes) else (err.stdout or "")
+            out, _ = proc.communicate(timeout=max(timeout, 1))
+            code = proc.returncode
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, _ = proc.communicate()
             out, code = out + f"\n[timed out after {timeout:.0f} s]\n", 124
         f.write(out)
     return code, "\n".join(out.strip().splitlines()[-12:])
@@ -80,8 +86,11 @@ def part_toolchain(args, timeout: float) -> tuple[bool, str]:
 def part_tests(args, timeout: float) -> tuple[bool, str]:
     select = DRY_TESTS if args.dry_run else ["tests", "-k", "not lowest"]
     # every failure reported (not -x); compiling is CPU-bound, so pytest-xdist workers where installed
-    parallel = ["-n", "8"] if not args.dry_run and importlib.util.find_spec("xdist") else []
-    cmd = [sys.executable, "-m", "pytest", "-q", "--maxfail=30", "-p", "no:cacheprovider", "-rs", *parallel, *select]
+    extra = ["-n", "8"] if not args.dry_run and importlib.util.find_spec("xdist") else []
+    if importlib.util.find_spec("pytest_timeout"):
+        extra += ["--timeout=150"]
+    cmd = [sys.executable, "-m", "pytest", "-q", "--maxfail=30", "-p", "no:cacheprovider", "-rs", "--durations=15"]
+    cmd += [*extra, *select]
     rc, tail = _run(cmd, timeout, args.dry_run, args.log)
     return rc == 0, tail
 
@@ -111,7 +120,8 @@ for lo in range(0, n, chunk):  # torch's fp32 arithmetic on the same chunk, roun
             for v in ref.state[q].values():
                 if v.dim():
                     v.copy_(v.bfloat16().float())
-    ulp = torch.finfo(torch.bfloat16).eps * q.abs().clamp_min(1e-30)
+    # bf16 ulps of the operands' size (a result that cancels to near 0 keeps their rounding error)
+    ulp = torch.finfo(torch.bfloat16).eps * torch.maximum(q.abs(), start[lo:hi].float().abs()).clamp_min(1e-2)
     worst = max(worst, ((p.detach()[lo:hi].float() - q.detach()).abs() / ulp).max().item())
 moved = (p.detach()[-1024:] != start[-1024:]).float().mean().item()
 print(f"{n} elements ({n * 2 / 2**30:.2f} GiB of bf16 params): worst difference {worst:.2f} ulp; "
@@ -136,6 +146,7 @@ def part_bench(args, timeout: float) -> tuple[bool, str]:
             ok = False
             continue
         extra = [] if i == 0 else ["--no-parity"]  # parity with torch.optim once, with the first workload
+        extra += ["--no-compile"]  # no target needs torch.compile, whose cold compiles would eat the budget
         cmd = [sys.executable, "-m", "benchmarks", "--workloads", workload, "--out", str(args.out), *quick, *extra]
         rc, _ = _run(cmd, left, args.dry_run, args.log)
         lines.append(f"{workload}: {'done' if rc == 0 else f'failed ({rc})'}")
@@ -197,11 +208,15 @@ def targets(rows: list[dict]) -> list[str]:
     many = max((r["n_tensors"] for r in rows if r["workload"] == "counts"), default=0)
     small = [(a, _speedup(rows, "counts", a, "torch fused", n_tensors=many)) for a in ("Adam", "AdamW", "SGD")]
     lines.append(_ratio_line(f"vs torch fused with {many:,} tensors", 1.5, small))
-    host = [r for r in rows if r["workload"] == "host" and r["provider"] == "fused_optim" and r.get("host_us")]
+    timed = [r for r in rows if r["workload"] == "host" and r.get("host_us")]
+    host = [r for r in timed if r["provider"] == "fused_optim"]
     if host:
-        us = min(r["host_us"] for r in host)
+        us = max(r["host_us"] for r in host)
         verdict = "met" if us <= 50 else f"missed by {us - 50:.0f} us"
-        lines.append(f"step() host time <= 50 us for 1,000 tensors: {verdict}; {us:.0f} us")
+        each = ", ".join(f"{r['algorithm']} {r['host_us']:.0f} us" for r in host)
+        graph = [r for r in timed if r["provider"] == "fused_optim graph"]
+        each += "".join(f"; graph replay ({r['algorithm']}) {r['host_us']:.0f} us" for r in graph)
+        lines.append(f"step() host time <= 50 us for 1,000 tensors: {verdict}; {each}")
     else:
         lines.append("step() host time <= 50 us for 1,000 tensors: not measured")
     feats = [r for r in rows if r["workload"] == "features" and r["provider"] == "fused_optim" and r.get("pct_of_copy")]
@@ -226,6 +241,10 @@ def main(argv=None) -> int:
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     args.log = args.out / "log.txt"
+    if not args.dry_run:  # every part's subprocess inherits the ptxas choice
+        from benchmarks import toolchain
+
+        print(toolchain.check(os.environ), flush=True)
     record_path = args.out / "parts.json"
     try:
         record = json.loads(record_path.read_text())

@@ -17,6 +17,7 @@ import datetime
 import gc
 import inspect
 import json
+import os
 import platform
 import re
 import sys
@@ -324,7 +325,9 @@ def _save(out: Path, meta: dict, runs: dict, rows: list[Row]) -> None:
     """Write results.json (``runs``: the command and date that measured each workload) and results.csv."""
     out.mkdir(parents=True, exist_ok=True)
     results = {"meta": meta, "runs": runs, "rows": [asdict(r) for r in rows]}
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    tmp = out / "results.json.tmp"  # replaced in one step: a run killed while writing keeps the old file
+    tmp.write_text(json.dumps(results, indent=1))
+    os.replace(tmp, out / "results.json")
     with (out / "results.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=[f.name for f in fields(Row)])
         writer.writeheader()

@@ -48,6 +48,11 @@ class ASGD(FusedOptimizer):
     ) -> None:  # fmt: skip
         super().__init__(params, locals())
 
+    def _device_steps(self, group) -> bool:
+        # torch keeps step, eta and mu on the param's device (and reads eta and mu back on the host
+        # every step); here the advance kernel updates them there, with the host path's arithmetic
+        return True
+
     def _initial_scalars(self, group) -> dict[str, float]:
         return {**self._scalar_state, "eta": as_float(group["lr"])}
 

@@ -43,7 +43,8 @@ def _free_port() -> int:
 def run_ranks(fn, world: int, *args) -> None:
     """Run ``fn(*args)`` in ``world`` fresh processes joined in one process group. A job that
     fails for another reason than a failed check (the rendezvous port taken meanwhile, a
-    connection reset while gloo sets up) runs once more on a new port; a failed check never does."""
+    connection reset while gloo sets up, a rank aborted by gloo with SIGABRT, seen once in a
+    full run and not reproduced alone) runs once more on a new port; a failed check never does."""
     import torch.multiprocessing as mp
 
     for attempt in range(2):
@@ -56,6 +57,10 @@ def run_ranks(fn, world: int, *args) -> None:
             if attempt or "AssertionError" in str(err):
                 raise
             print(f"distributed job failed outside the checks, running it again:\n{err}", file=sys.stderr)
+        except mp.ProcessExitedException as err:  # killed by a signal: no check ran to completion
+            if attempt:
+                raise
+            print(f"a rank died ({err}), running the job again", file=sys.stderr)
 
 
 def _rank_main(rank: int, world: int, fn, args) -> None:

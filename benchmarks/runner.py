@@ -353,7 +353,11 @@ def main(argv=None) -> int:
     parser.add_argument("--parity", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results/<device>)")
+    parser.add_argument("--blocks-per-program", type=int, default=None,
+                        help="FusedOptimizer._blocks_per_program for this run (tuning)")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.blocks_per_program is not None:
+        fused_optim.FusedOptimizer._blocks_per_program = args.blocks_per_program
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -374,6 +378,7 @@ def main(argv=None) -> int:
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": command,
+        "blocks_per_program": fused_optim.FusedOptimizer._blocks_per_program,
         "performance_figures": cuda,
     }
     print("fused_optim benchmarks")

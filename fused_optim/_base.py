@@ -165,9 +165,7 @@ class FusedOptimizer(PlansMixin, FeaturesMixin, ChecksMixin, FallbackMixin, Opti
         return self._scalar_state
 
     def _advance_scalars(self, group, scalars: dict[str, np.ndarray]) -> None:
-        """Advance the host scalar state of the params being updated, in place (torch: step += 1).
-        It may add entries (values this step uses) that ``_step_scalars`` reads; only the keys of
-        ``_scalar_state`` are kept."""
+        """Advance the host scalar state of the params being updated, in place (torch: step += 1)."""
         scalars["step"] += 1
 
     def _check_sparse(self, group) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-import numpy as np
 import torch
 
 from ._base import FusedOptimizer
@@ -50,24 +49,12 @@ class ASGD(FusedOptimizer):
 
     def _device_steps(self, group) -> bool:
         # torch keeps step, eta and mu on the param's device (and reads eta and mu back on the host
-        # every step); here the advance kernel updates them there, with the host path's arithmetic
+        # every step); here the advance kernel updates them there, with the arithmetic of torch's
+        # non-capturable path (kernels/asgd.py), so there is no host path
         return True
 
     def _initial_scalars(self, group) -> dict[str, float]:
         return {**self._scalar_state, "eta": as_float(group["lr"])}
-
-    def _advance_scalars(self, group, scalars: dict[str, np.ndarray]) -> None:
-        # this step uses eta and mu as they are; torch updates them after the param, in float64
-        scalars["eta_used"], scalars["mu_used"] = scalars["eta"].copy(), scalars["mu"].copy()
-        scalars["step"] += 1
-        step = scalars["step"].astype(np.float64)
-        lr, lambd, alpha, t0 = (as_float(group[k]) for k in ("lr", "lambd", "alpha", "t0"))
-        scalars["eta"][...] = lr / (1 + lambd * lr * step) ** alpha
-        scalars["mu"][...] = 1 / np.maximum(1, step - t0)
-
-    def _step_scalars(self, group, scalars) -> tuple[float, float, float]:
-        eta = scalars["eta_used"]
-        return (1 - as_float(group["lambd"]) * eta, -eta, scalars["mu_used"])
 
     def _hyper(self, group) -> tuple[float, ...]:
         return tuple(as_float(group[k]) for k in ("lambd", "alpha", "t0"))

@@ -94,7 +94,7 @@ class Tables:
     graph_written: bool = False  # a captured graph rewrites the device table at replay (``repoint_grads``)
 
 
-def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     host = torch.from_numpy(array)
     if device.type == "cpu":
         return host
@@ -137,7 +137,7 @@ def build_tables(
     tensor_of_block = np.repeat(np.arange(n, dtype=np.int64), per_tensor)
     first_block = np.repeat(np.cumsum(per_tensor) - per_tensor, per_tensor)
     entries = (tensor_of_block << 32) | (np.arange(total, dtype=np.int64) - first_block)
-    tables = Tables(_to_device(rows, device), _to_device(entries, device), total, block, rows, blocks=blocks)
+    tables = Tables(to_device(rows, device), to_device(entries, device), total, block, rows, blocks=blocks)
     if device.type == "cuda":
         tables.stream = torch.cuda.current_stream(device)  # the copies above ran there
         tables.uploaded = torch.cuda.Event()

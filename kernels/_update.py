@@ -43,7 +43,7 @@ import triton.language as tl
 
 from ._features import Features, feature_args, grad_multiplier, load_grad, load_param, store_param
 from ._jit import as_ptr, compute_dtype, float_bits, hp, region, to_storage, triton_dtype
-from ._tables import ROW, Tables, is_fresh, jit_kernel, launch, locate
+from ._tables import ROW, Tables, is_fresh, jit_kernel, launch, locate, to_device
 
 MAX_H = 6  # hyperparameter slots
 MAX_K = 4  # step-scalar slots
@@ -280,8 +280,7 @@ def step_table(per_row: np.ndarray, lr: float, weight_decay: float, decoupled: b
     decay = 1.0 - lr * weight_decay if decoupled else weight_decay
     n = len(per_row)
     table = np.column_stack([per_row.reshape(n, -1), np.full(n, lr), np.full(n, decay), np.asarray(steps)])
-    host = torch.from_numpy(np.ascontiguousarray(table, dtype=np.float64))
-    return host if device.type == "cpu" else host.pin_memory().to(device, non_blocking=True)
+    return to_device(np.ascontiguousarray(table, dtype=np.float64), device)
 
 
 # --- step counts on the device ---------------------------------------------------------------------

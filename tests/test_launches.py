@@ -269,7 +269,7 @@ def test_a_captured_step_allocates_nothing_and_copies_nothing_from_the_host(monk
 
     _watch_kernels(monkeypatch, paused)
     monkeypatch.setattr(_tables, "capturing", lambda: True)
-    monkeypatch.setattr(_tables, "_to_device", _refuse)
+    monkeypatch.setattr(_tables, "to_device", _refuse)
     monkeypatch.setattr(torch.Tensor, "pin_memory", _refuse)
     monkeypatch.setattr(_update, "step_table", _refuse)
     with mode:

@@ -55,7 +55,8 @@ class FusedOptimizer(PlansMixin, FeaturesMixin, ChecksMixin, FallbackMixin, Opti
       keeps, in torch's order), ``_scalar_state`` (per-parameter scalar state and its initial
       value, or ``_initial_scalars(group)`` where that depends on the group; advanced by
       ``_advance_scalars`` on the host, by the kernels on the device),
-      ``_init_region`` (initial state values), ``_fresh_keys`` (state torch creates from the first
+      ``_init_region`` (initial state values), ``_state_shape`` (state not shaped like the param),
+      ``_fresh_keys`` (state torch creates from the first
       grad), ``_eager_state`` (state made at construction), ``_sparse_ok``/``_sparse_error``,
       ``_fixed`` (group entries the class forces, as AdamW's decoupled decay).
 
@@ -96,6 +97,7 @@ class FusedOptimizer(PlansMixin, FeaturesMixin, ChecksMixin, FallbackMixin, Opti
     _fixed: ClassVar[dict] = {}
     _sparse_ok = False
     _eager_state = False
+    _row_major = False  # kernels that need each param's rows: non-contiguous params are staged
     _num_warps = 8  # 256 threads per block; elements per block follow from the dtype (block_size)
     # Blocks per program: each program pays two dependent table loads before its first access, so
     # light kernels may gain from several blocks per program, at the cost of registers and code
@@ -155,6 +157,10 @@ class FusedOptimizer(PlansMixin, FeaturesMixin, ChecksMixin, FallbackMixin, Opti
 
     def _fresh_keys(self, group) -> tuple[str, ...]:
         return ()
+
+    def _state_shape(self, group, key: str, shape: tuple[int, ...]) -> tuple[int, ...] | None:
+        """Shape of state ``key`` for a param of ``shape`` (None: no such state for it)."""
+        return shape
 
     def _init_region(self, group, key: str, region: torch.Tensor, param: torch.Tensor) -> None:
         """Initial value of a state region (torch's state initialization)."""
@@ -331,7 +337,7 @@ class FusedOptimizer(PlansMixin, FeaturesMixin, ChecksMixin, FallbackMixin, Opti
                 n = int(seg.numels.sum())
                 param_passes = 1 if seg.master else 2  # the master copy is read instead of the param
                 total += n * (param_passes + 1) * seg.dtype.itemsize  # param (write[, read]) and grad read
-                total += sum(2 * n * flat.dtype.itemsize for flat in seg.flat.values())
+                total += sum(2 * seg.key_numel(k) * flat.dtype.itemsize for k, flat in seg.flat.items())
         return total
 
     # --- torch.optim compatibility -----------------------------------------------------------

@@ -123,17 +123,19 @@ class ChecksMixin:
         optional = {*self._fresh_keys(group), "master_param"}  # first step / made from the param
         for key in self._key_dtypes(group, real_dtype(p.dtype)):
             value = state.get(key)
-            if value is None and key in optional:
+            shape = p.shape if key == "master_param" else self._state_shape(group, key, tuple(p.shape))
+            if shape is None or (value is None and key in optional):
                 continue
             if not isinstance(value, torch.Tensor):
                 raise ValueError(f"state of {where} has no tensor {key!r} (found {type(value).__name__})")
-            if value.shape != p.shape or value.is_complex() != p.is_complex():
+            if value.shape != shape or value.is_complex() != p.is_complex():
                 raise ValueError(
                     f"state {key!r} of {where} has shape {tuple(value.shape)} and dtype {value.dtype}, "
                     f"but the parameter has shape {tuple(p.shape)} and dtype {p.dtype}"
+                    + ("" if shape == p.shape else f" (this state has shape {tuple(shape)} for it)")
                 )
             mine, its = _dtensor.local(value).shape, _dtensor.local(p).shape
-            if mine != its:  # a DTensor param needs its state sharded alike
+            if shape == p.shape and mine != its:  # a DTensor param needs its state sharded alike
                 raise ValueError(
                     f"state {key!r} of {where} holds a local shard of shape {tuple(mine)}, but the parameter's "
                     f"local shard has shape {tuple(its)} (placements {getattr(value, 'placements', None)} vs "

@@ -52,6 +52,8 @@ _PAIRS = {
     "etaplus": ("etas", 1),
     "step_size_min": ("step_sizes", 0),
     "step_size_max": ("step_sizes", 1),
+    "eps1": ("eps", 0),
+    "eps2": ("eps", 1),
 }
 
 

@@ -164,7 +164,10 @@ class PlansMixin:
         key_dtypes = self._key_dtypes(group, dtype)
         fresh_keys = self._fresh_keys(group)
         stochastic = self.options["stochastic_rounding"] and dtype == torch.bfloat16
-        seg = Segment(key, members, positions, key_dtypes, self._scalar_state, self._device_steps(group), stochastic)
+        seg = Segment(
+            key, members, positions, key_dtypes, self._scalar_state, self._device_steps(group), stochastic,
+            state_shape=lambda k, shape: self._state_shape(group, k, shape), row_major=self._row_major,
+        )  # fmt: skip
         seg.seed = rounding_seed(self.options["rounding_seed"], *place, dtype)
         scalar_values = {k: [] for k in self._scalar_state}
         tracker = self._tracker
@@ -172,6 +175,8 @@ class PlansMixin:
             old = self.state.get(p) or {}
             source = self._loaded.get(id(p), old)  # a loaded checkpoint, before torch cast it
             for k in key_dtypes:
+                if not seg.has(i, k):
+                    continue
                 src = source.get(k)
                 region = seg.region(i, k)
                 if src is not None:
@@ -188,7 +193,8 @@ class PlansMixin:
             for k in self._scalar_state:
                 dict.__setitem__(new, k, seg.scalars[k][i])
             for k in key_dtypes:
-                dict.__setitem__(new, k, seg.view(i, k))
+                if seg.has(i, k):
+                    dict.__setitem__(new, k, seg.view(i, k))
             for k, v in old.items():  # keep keys this configuration does not use
                 if k not in new:
                     dict.__setitem__(new, k, v)

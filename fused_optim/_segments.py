@@ -29,6 +29,10 @@ def real_dtype(dtype: torch.dtype) -> torch.dtype:
     return COMPLEX_DTYPES.get(dtype, dtype)
 
 
+def _aligned(numel: int) -> int:
+    return -(-numel // ALIGN) * ALIGN
+
+
 def _layout_dims(shape, strides):
     return sorted((st, sz) for sz, st in zip(shape, strides) if sz != 1)
 
@@ -78,7 +82,10 @@ class Segment:
     for the master copy). Scalar state (step counts) lives on the host and is advanced in numpy,
     or, with ``device_step``, on the params' device, advanced by a kernel (capturable, AMP)."""
 
-    def __init__(self, key, members, group_index, key_dtypes: dict, scalar_keys, device_step: bool, stochastic: bool):
+    def __init__(
+        self, key, members, group_index, key_dtypes: dict, scalar_keys, device_step: bool, stochastic: bool,
+        state_shape=None, row_major: bool = False,
+    ):  # fmt: skip
         self.key = key
         self.device, self.dtype = key
         self.members = members
@@ -93,18 +100,32 @@ class Segment:
         offsets, numels, total = [], [], 0
         for p in members:
             real = _dtensor.real(p)
-            dense = is_dense(real)
+            dense = real.is_contiguous() if row_major else is_dense(real)
             self.shapes.append(tuple(real.shape))
             # State regions copy p's memory order, so element k of p, its grad and its state
-            # share one flat index; a param that is not dense is staged through a contiguous copy.
+            # share one flat index; a param that is not dense is staged through a contiguous copy
+            # (``row_major``: a param that is not contiguous, for kernels that need its rows).
             self.strides.append(tuple(real.stride()) if dense else _contiguous_strides(real.shape))
             self.dense.append(dense)
             offsets.append(total)
             numels.append(real.numel())
-            total += -(-real.numel() // ALIGN) * ALIGN
+            total += _aligned(real.numel())
         self.offsets = np.asarray(offsets, dtype=np.int64)
         self.numels = np.asarray(numels, dtype=np.int64)
-        self.flat = {k: torch.zeros(total, dtype=dt, device=self.device) for k, dt in key_dtypes.items()}
+        # Keys whose state is not shaped like the param (``state_shape(key, shape)``: Adafactor's
+        # factored second moments; None where a member has no such state) own their layout:
+        # key -> (offsets, shapes), contiguous regions.
+        self.own_layout = {}
+        sizes = dict.fromkeys(key_dtypes, total)
+        for k in key_dtypes:
+            shapes = [
+                self.shapes[i] if state_shape is None else state_shape(k, self.shapes[i]) for i in range(len(members))
+            ]
+            if shapes != self.shapes:
+                sizes_k = [0 if s is None else _aligned(int(np.prod(s, dtype=np.int64))) for s in shapes]
+                self.own_layout[k] = (np.cumsum([0, *sizes_k[:-1]], dtype=np.int64), shapes)
+                sizes[k] = sum(sizes_k)
+        self.flat = {k: torch.zeros(sizes[k], dtype=dt, device=self.device) for k, dt in key_dtypes.items()}
         # The narrowest element of the params and states sets the block size.
         self.flat_itemsize = min([self.dtype.itemsize] + [f.dtype.itemsize for f in self.flat.values()])
         scalar_device = self.device if device_step else torch.device("cpu")
@@ -114,8 +135,27 @@ class Segment:
         self.norm_classes = [_dtensor.norm_class(p) for p in members]  # for clipping across ranks
         self.uniform_norm_class = len(set(self.norm_classes)) <= 1
 
+    def has(self, i: int, key: str) -> bool:
+        """Whether member ``i`` keeps state ``key`` (every member does, except in an own layout)."""
+        return key not in self.own_layout or self.own_layout[key][1][i] is not None
+
+    def offset(self, i: int, key: str) -> int:
+        """Where member ``i``'s region of ``key`` starts in the flat buffer (-1: it has none)."""
+        if not self.has(i, key):
+            return -1
+        return int((self.own_layout[key][0] if key in self.own_layout else self.offsets)[i])
+
+    def key_numel(self, key: str) -> int:
+        """Elements of state ``key`` over the members (alignment padding excluded)."""
+        if key not in self.own_layout:
+            return int(self.numels.sum())
+        return sum(int(np.prod(s, dtype=np.int64)) for s in self.own_layout[key][1] if s is not None)
+
     def region(self, i: int, key: str) -> torch.Tensor:
         """Member ``i``'s region of ``key`` in its real dtype and layout."""
+        if key in self.own_layout:
+            offsets, shapes = self.own_layout[key]
+            return self.flat[key].as_strided(shapes[i], _contiguous_strides(shapes[i]), int(offsets[i]))
         return self.flat[key].as_strided(self.shapes[i], self.strides[i], int(self.offsets[i]))
 
     def view(self, i: int, key: str) -> torch.Tensor:
@@ -137,6 +177,7 @@ class Launch:
     features: Features = field(default_factory=Features)  # AMP, clipping, master weights, ... (per step)
     stage_params: list = field(default_factory=list)  # (member index, buffer)
     stage_grads: list = field(default_factory=list)  # (group position, buffer)
+    own_tables: tuple | None = None  # more device tables, for algorithms with kernels of their own (Adafactor)
 
     def stage_in(self, grads) -> None:
         """Copy grads (and params) that the kernels cannot address in place into their buffers."""

@@ -181,6 +181,15 @@ BAD_ARGS = {
 }
 
 
+# fused_optim's own constructor arguments, after torch's, keyword-only, with their defaults
+EXTENSIONS = [
+    ("master_weights", False),
+    ("stochastic_rounding", False),
+    ("rounding_seed", 0),
+    ("state_dtype", None),
+    ("max_grad_norm", None),
+]
+
 # Adam and AdamW have their own table in test_adam.py; the feature tests use these.
 ADAM_EVERYTHING = {
     "Adam": {"lr": 0.03, "betas": (0.8, 0.99), "eps": 1e-6, "weight_decay": 0.05, "amsgrad": True, "maximize": True},

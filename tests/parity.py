@@ -114,3 +114,25 @@ def run_parity(
             sched.step()
         assert_same(opt, ref_opt, params, ref_params, first if step == 0 else run, f"after step {step + 1}")
     return opt, ref_opt, params, ref_params
+
+
+def run_interchange(src_cls, dst_cls, kwargs: dict, *, device, path, shapes=SHAPES, steps: int = 4, grad_none=None):
+    """Train ``src_cls`` a few steps, save its ``state_dict`` to ``path``, load it into a fresh
+    ``dst_cls`` (one of them torch's, the other ours): equal right after loading, and both go on
+    alike."""
+    src_params = leaves(random_tensors(shapes, torch.float32, 0, device))
+    src = src_cls(src_params, **kwargs)
+    for step in range(steps):
+        for i, p in enumerate(src_params):
+            p.grad = None if grad_none is not None and grad_none(step, i) else torch.randn_like(p)
+        src.step()
+    torch.save(src.state_dict(), path)
+    dst_params = leaves([p.detach() for p in src_params])
+    dst = dst_cls(dst_params)
+    dst.load_state_dict(torch.load(path))
+    assert_same(dst, src, dst_params, src_params, {"rtol": 0, "atol": 0}, "right after loading")
+    for step in range(steps):
+        set_grads(dst_params, src_params, step, 3)
+        dst.step()
+        src.step()
+        assert_same(dst, src, dst_params, src_params, TOL[torch.float32][1], f"{step + 1} steps after loading")

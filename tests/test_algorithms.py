@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import fused_optim
-from algorithms import ALGORITHMS, BAD_ARGS, everything
+from algorithms import ALGORITHMS, BAD_ARGS, EXTENSIONS, everything
 from fused_optim.kernels._tables import record_launches
-from parity import SHAPES, assert_same, leaves, random_tensors, run_parity, set_grads
+from parity import SHAPES, assert_same, leaves, random_tensors, run_interchange, run_parity, set_grads
 
 CASES = [
     pytest.param(name, config, id=f"{name}-{config.desc}") for name, configs in ALGORITHMS.items() for config in configs
@@ -69,23 +69,7 @@ def test_one_launch_per_segment_and_per_step(name, device):
 def test_state_dict_interchange(name, direction, device, tmp_path):
     fused_cls, torch_cls = _classes(name)
     src_cls, dst_cls = (fused_cls, torch_cls) if direction == "fused to torch" else (torch_cls, fused_cls)
-    kwargs = everything(name)
-    src_params = leaves(random_tensors(SHAPES, torch.float32, 0, device))
-    src = src_cls(src_params, **kwargs)
-    for step in range(4):
-        for i, p in enumerate(src_params):
-            p.grad = None if _skips(step, i) else torch.randn_like(p)
-        src.step()
-    torch.save(src.state_dict(), tmp_path / "optim.pt")
-    dst_params = leaves([p.detach() for p in src_params])
-    dst = dst_cls(dst_params)
-    dst.load_state_dict(torch.load(tmp_path / "optim.pt"))
-    assert_same(dst, src, dst_params, src_params, {"rtol": 0, "atol": 0}, "right after loading")
-    for step in range(4):
-        set_grads(dst_params, src_params, step, 3)
-        dst.step()
-        src.step()
-        assert_same(dst, src, dst_params, src_params, TOL, f"{step + 1} steps after loading")
+    run_interchange(src_cls, dst_cls, everything(name), device=device, path=tmp_path / "optim.pt", grad_none=_skips)
 
 
 @pytest.mark.parametrize("name", ALGORITHMS)
@@ -97,15 +81,6 @@ def test_bad_arguments_raise_like_torch(name):
         with pytest.raises(Exception) as ours:
             fused_cls([torch.zeros(2, requires_grad=True)], **kwargs)
         assert (type(ours.value), str(ours.value)) == (type(theirs.value), str(theirs.value)), kwargs
-
-
-EXTENSIONS = [
-    ("master_weights", False),
-    ("stochastic_rounding", False),
-    ("rounding_seed", 0),
-    ("state_dtype", None),
-    ("max_grad_norm", None),
-]
 
 
 @pytest.mark.parametrize("name", [*ALGORITHMS, "Adam", "AdamW"])

@@ -152,3 +152,11 @@ def test_kernel_only_options_refuse_before_changing_anything():
         [sys.executable, "-c", REFUSED], check=False, env=_fallback_env(), capture_output=True, text=True, timeout=300
     )
     assert out.returncode == 0 and out.stdout.strip().endswith("OK"), out.stderr[-3000:]
+
+
+def test_adafactor_without_interpreter_matches_torch():
+    """tests/test_adafactor.py through the fallback, but for what only the kernels do (their
+    launches, stochastic rounding, bf16 states, an empty param, which torch's Adafactor refuses)."""
+    selection = "not launches and not stochastic and not empty"
+    text = _pytest_through_the_fallback("tests/test_adafactor.py", "-k", selection)
+    assert "run through torch.optim's own implementation" in text

@@ -82,8 +82,9 @@ import torch, triton, fused_optim
 from algorithms import ALGORITHMS
 
 print(triton.__version__)
-for name, configs in {"Adam": None, "AdamW": None, **ALGORITHMS}.items():
-    kwargs = configs[-1].kwargs if configs else {"amsgrad": True, "weight_decay": 0.1}
+OWN = {"Adam": {"amsgrad": True, "weight_decay": 0.1}, "AdamW": {}, "Adafactor": {"lr": 0.03, "weight_decay": 0.05}}
+for name, configs in {**dict.fromkeys(OWN), **ALGORITHMS}.items():
+    kwargs = configs[-1].kwargs if configs else OWN[name]
     torch.manual_seed(0)
     params = [torch.randn(33, 5, requires_grad=True), torch.randn(1100, requires_grad=True)]
     ref = [p.detach().clone().requires_grad_() for p in params]

@@ -1,0 +1,280 @@
+"""Adafactor: a factored second moment needs reductions, so a step is four passes over tiles.
+
+Each tensor is seen as ``B`` row-major matrices of ``R x C`` (a param with more than one dim: its
+last two dims; a vector: rows of ``TC`` elements) and cut into tiles of ``TR x TC`` elements; one
+program per tile. The passes (``PHASE``), all on the same tile table:
+
+0. sums: the squared param norm per tensor (alpha) and, for matrices, the row and column sums
+   of g^2 (atomics into fp32 scratch shaped like row_var and col_var);
+1. factors (``_factors_kernel``, one program per 1,024 rows or columns of a matrix): row_var and
+   col_var lerp towards the row/column means of g^2, and the sum of the new row_var;
+2. the squared norm of the update ``u = g / sqrt(max(v, eps1^2))`` per tensor, with
+   ``v = row_var col_var / mean(row_var)`` (matrices) or the lerped variance (vectors);
+3. apply: ``p <- p (1 - lr wd) - alpha / max(1, RMS(u) / d) * u`` (vectors also store the variance).
+
+The arithmetic follows torch's ``_single_tensor_adafactor`` (torch.optim.Adafactor) in fp32, with
+the per-tensor coefficients in float64 as torch computes them on the host. Per-tensor scalars
+(``step_table`` rows): ``one_minus_beta2_t, rho_t, lr, 1 - lr * weight_decay, step``.
+"""
+
+# No `from __future__ import annotations`: see _jit.
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from ._features import Features, grad_multiplier, load_grad, load_param, store_param
+from ._jit import as_ptr, compute_dtype, float_bits, hp, ieee_div, ieee_sqrt, torch_lerp, triton_dtype
+from ._tables import ROW, Tables, jit_kernel, launch, to_device
+
+TR, TC = 16, 128  # tile rows and columns (2,048 elements: 8 per thread with 8 warps)
+BLOCK_F = 1024  # rows or columns of a factor per program
+INFO = 8  # columns of the per-tensor info table
+# info columns: rows R, columns C, row_var offset (-1: a vector), col_var offset, variance offset,
+# tile rows, tile columns, 0
+_SCALARS = 5  # step_table columns: one_minus_beta2_t, rho_t, lr, decay, step
+
+
+@triton.jit
+def _tile(tensor_table, info, tiles):
+    """This program's tile: tensor index, tile index, numel, info row, R, C, matrix index, row and
+    column indices, the element offsets and mask of the tile ([TR, TC])."""
+    entry = tl.load(tiles + tl.program_id(0))
+    t = entry >> 32
+    tile = entry & 0xFFFFFFFF
+    row = tensor_table + t * 8  # ROW
+    numel = tl.load(row + 3)
+    inf = info + t * 8  # INFO
+    R = tl.load(inf + 0)
+    C = tl.load(inf + 1)
+    tiles_r = tl.load(inf + 5)
+    tiles_c = tl.load(inf + 6)
+    b = tile // (tiles_r * tiles_c)
+    rem = tile % (tiles_r * tiles_c)
+    r = (rem // tiles_c) * 16 + tl.arange(0, 16)  # TR
+    c = (rem % tiles_c) * 128 + tl.arange(0, 128)  # TC
+    offs = b * R * C + r[:, None] * C + c[None, :]
+    mask = (r[:, None] < R) & (c[None, :] < C) & (offs < numel)
+    return t, tile, numel, inf, R, C, b, r, c, offs, mask
+
+
+@triton.jit
+def _update(g, inf, R, C, b, r, c, offs, mask, row_var, col_var, rmean, variance, beta, eps1, C_DTYPE):
+    """u = g / sqrt(max(v, eps1^2)) and the variance it used (vectors: lerped, not yet stored)."""
+    row_off = tl.load(inf + 2)
+    if row_off >= 0:  # var_estimate = row_var @ col_var / row_var.mean(dim=-2).clamp(min=eps1)
+        rv = tl.load(row_var + row_off + b * R + r, mask=r < R, other=1.0).to(C_DTYPE)
+        cv = tl.load(col_var + tl.load(inf + 3) + b * C + c, mask=c < C, other=1.0).to(C_DTYPE)
+        mean = tl.maximum(ieee_div(tl.load(rmean + row_off + b * R), R.to(C_DTYPE), C_DTYPE), eps1)
+        v = ieee_div(rv[:, None] * cv[None, :], mean, C_DTYPE)
+    else:  # variance.lerp_(grad * grad, one_minus_beta2_t)
+        v = tl.load(variance + tl.load(inf + 4) + offs, mask=mask, other=1.0).to(C_DTYPE)
+        v = torch_lerp(v, g * g, beta)
+    var = v
+    v = tl.maximum(v, eps1 * eps1)  # clamp_(min=eps1 * eps1).rsqrt_().mul_(grad)
+    u = ieee_div(1.0, ieee_sqrt(v, C_DTYPE), C_DTYPE) * g
+    return tl.where(mask, u, 0.0), var
+
+
+@jit_kernel(unspecialized=["eps1", "eps2", "d", "seed"])
+def _adafactor_kernel(
+    tensor_table,  # *i64 [n, ROW]: param/grad addresses, state (master) offset, numel, ...
+    info,  # *i64 [n, INFO]
+    tiles,  # *i64 [n_tiles]: tensor index << 32 | tile index in the tensor
+    scalars,  # *f64 [n, 5]: one_minus_beta2_t, rho_t, lr, decay, step
+    row_var,  # flat states (absent ones: any tensor)
+    col_var,
+    variance,
+    sums,  # *f32 [n, 2]: squared norms of the param and of the update
+    row_sum,  # *f32, shaped like row_var: row sums of g^2
+    col_sum,  # *f32, shaped like col_var
+    rmean,  # *f32, shaped like row_var: sum of the new row_var (at each matrix's first row)
+    clip_coef,
+    master,
+    eps1: tl.int64,  # float_bits
+    eps2: tl.int64,
+    d: tl.int64,
+    seed: tl.int64,
+    PHASE: tl.constexpr,
+    P_DTYPE: tl.constexpr,
+    S_DTYPE: tl.constexpr,
+    C_DTYPE: tl.constexpr,
+    WEIGHT_DECAY: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    HAS_CLIP: tl.constexpr,
+    MASTER: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
+):
+    t, tile, numel, inf, R, C, b, r, c, offs, mask = _tile(tensor_table, info, tiles)
+    row = tensor_table + t * 8  # ROW
+    p_ptr = as_ptr(tl.load(row + 0), P_DTYPE, False)
+    g_ptr = as_ptr(tl.load(row + 1), P_DTYPE, False)
+    s_off = tl.load(row + 2)
+    m_ptr = master + s_off
+    g = load_grad(g_ptr, offs, mask, grad_multiplier(clip_coef, clip_coef, False, HAS_CLIP), C_DTYPE, HAS_CLIP)
+    g = tl.where(mask, g, 0.0)
+    if PHASE == 0:
+        p = tl.where(mask, load_param(p_ptr, m_ptr, offs, mask, C_DTYPE, MASTER), 0.0)
+        tl.atomic_add(sums + t * 2, tl.sum(tl.sum(p * p, axis=1), axis=0))
+        row_off = tl.load(inf + 2)
+        if row_off >= 0:  # torch.norm(grad, dim=-1).square_() and dim=-2
+            g2 = g * g
+            tl.atomic_add(row_sum + row_off + b * R + r, tl.sum(g2, axis=1), mask=r < R)
+            tl.atomic_add(col_sum + tl.load(inf + 3) + b * C + c, tl.sum(g2, axis=0), mask=c < C)
+    else:
+        if MAXIMIZE:
+            g = -g
+        srow = scalars + t * 5  # _SCALARS
+        beta = tl.load(srow + 0).to(C_DTYPE)
+        e1 = hp(eps1, C_DTYPE)
+        u, var = _update(g, inf, R, C, b, r, c, offs, mask, row_var, col_var, rmean, variance, beta, e1, C_DTYPE)
+        if PHASE == 2:
+            tl.atomic_add(sums + t * 2 + 1, tl.sum(tl.sum(u * u, axis=1), axis=0))
+        else:
+            if tl.load(inf + 2) < 0:
+                tl.store(variance + tl.load(inf + 4) + offs, var.to(S_DTYPE), mask=mask)
+            # alpha = max(eps2, RMS(param)) * rho_t; denom = max(1, RMS(update) / d), in float64
+            root_n = tl.sqrt(numel.to(tl.float64))
+            p_norm = ieee_sqrt(tl.load(sums + t * 2), C_DTYPE).to(tl.float64)  # param.norm(2).item()
+            u_norm = ieee_sqrt(tl.load(sums + t * 2 + 1), C_DTYPE).to(tl.float64)
+            alpha = tl.maximum(hp(eps2, tl.float64), p_norm / root_n) * tl.load(srow + 1)
+            denom = tl.maximum(1.0, u_norm / (root_n * hp(d, tl.float64)))
+            coef = (-alpha / denom).to(C_DTYPE)
+            p = load_param(p_ptr, m_ptr, offs, mask, C_DTYPE, MASTER)
+            if WEIGHT_DECAY:
+                p = p * tl.load(srow + 3).to(C_DTYPE)  # param.mul_(1 - lr * weight_decay)
+            p = tl.fma(coef, u, p)  # param.add_(update, alpha=-alpha / denom)
+            if STOCHASTIC:  # random bits per (tensor, tile, element in the tile)
+                n_tile: tl.constexpr = 16 * 128  # TR * TC
+                store_param(
+                    p_ptr, m_ptr, tl.reshape(p, (n_tile,)), tl.reshape(offs, (n_tile,)), tl.reshape(mask, (n_tile,)),
+                    seed + s_off + tl.load(srow + 4).to(tl.int64), tile * n_tile, n_tile, P_DTYPE, MASTER, True,
+                )  # fmt: skip
+            else:
+                store_param(p_ptr, m_ptr, p, offs, mask, seed, 0, 8, P_DTYPE, MASTER, False)
+
+
+@jit_kernel(unspecialized=[])
+def _factors_kernel(
+    factors,  # *i64 [n_chunks]: tensor index << 32 | matrix index << 16 | chunk (rows first, then columns)
+    info,
+    scalars,
+    row_var,
+    col_var,
+    row_sum,
+    col_sum,
+    rmean,
+    S_DTYPE: tl.constexpr,
+    C_DTYPE: tl.constexpr,
+    BLOCK_F: tl.constexpr,
+):
+    """row_var.lerp_(row_mean, w) or col_var.lerp_(col_mean, w) for BLOCK_F rows or columns of one
+    matrix; row chunks add their new row_var into ``rmean`` (at the matrix's first row): the update
+    passes divide by R. (No loop with a bound read from memory: Triton 3.3's interpreter cannot.)"""
+    entry = tl.load(factors + tl.program_id(0))
+    t = entry >> 32
+    b = (entry >> 16) & 0xFFFF
+    chunk = entry & 0xFFFF
+    inf = info + t * 8  # INFO
+    R = tl.load(inf + 0)
+    C = tl.load(inf + 1)
+    row_chunks = tl.cdiv(R, BLOCK_F)
+    beta = tl.load(scalars + t * 5).to(C_DTYPE)  # _SCALARS
+    if chunk < row_chunks:  # row_var.lerp_(norm(grad, dim=-1).square_().div_(C), w)
+        i = chunk * BLOCK_F + tl.arange(0, BLOCK_F)
+        m = i < R
+        at = tl.load(inf + 2) + b * R
+        n, var, sums = C, row_var, row_sum
+    else:
+        i = (chunk - row_chunks) * BLOCK_F + tl.arange(0, BLOCK_F)
+        m = i < C
+        at = tl.load(inf + 3) + b * C
+        n, var, sums = R, col_var, col_sum
+    mean = ieee_div(tl.load(sums + at + i, mask=m, other=0.0), n.to(C_DTYPE), C_DTYPE)
+    v = torch_lerp(tl.load(var + at + i, mask=m, other=0.0).to(C_DTYPE), mean, beta).to(S_DTYPE)
+    tl.store(var + at + i, v, mask=m)
+    if chunk < row_chunks:
+        tl.atomic_add(rmean + at, tl.sum(tl.where(m, v.to(C_DTYPE), 0.0), axis=0))
+
+
+def factor_tables(shapes: list[tuple[int, ...]], row_offsets, col_offsets, var_offsets, device: torch.device):
+    """The info, tile and matrix tables of a launch: ``shapes`` of its tensors, the offsets of
+    their row_var, col_var and variance regions (-1 where absent)."""
+    n = len(shapes)
+    info = np.zeros((n, 8), dtype=np.int64)  # INFO
+    tiles, factors = [], []
+    for j, shape in enumerate(shapes):
+        numel = int(np.prod(shape, dtype=np.int64))
+        if len(shape) > 1:
+            R, C = shape[-2], shape[-1]
+        else:
+            R, C = -(-numel // TC), TC
+        matrices = (numel // (R * C) if R * C else 0) if len(shape) > 1 else int(numel > 0)
+        tiles_r, tiles_c = -(-R // TR), -(-C // TC)
+        info[j] = (R, C, row_offsets[j], col_offsets[j], var_offsets[j], tiles_r, tiles_c, 0)
+        tiles.append((j << 32) + np.arange(matrices * tiles_r * tiles_c, dtype=np.int64))
+        if len(shape) > 1:
+            chunks = -(-R // BLOCK_F) + -(-C // BLOCK_F)
+            assert matrices < 1 << 16 and chunks < 1 << 16, shape
+            b, k = np.divmod(np.arange(matrices * chunks, dtype=np.int64), chunks)
+            factors.append((j << 32) + (b << 16) + k)
+    cat = lambda parts: np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)  # noqa: E731
+    return tuple(to_device(np.ascontiguousarray(a), device) for a in (info, cat(tiles), cat(factors)))
+
+
+def adafactor_step(
+    tables: Tables,
+    factor: tuple,
+    flat: dict[str, torch.Tensor],
+    scalars: torch.Tensor,
+    *,
+    param_dtype: torch.dtype,
+    eps1: float,
+    eps2: float,
+    d: float,
+    weight_decay: float,
+    maximize: bool,
+    features: Features,
+    num_warps: int = 8,
+) -> None:
+    """One Adafactor step over a segment: ``factor`` from ``factor_tables``, ``flat`` the state
+    buffers present, ``scalars`` the per-tensor ``step_table``."""
+    info, tiles, factors = factor
+    if tiles.numel() == 0:
+        return
+    n = tables.tensor_table.shape[0]
+    device = tiles.device
+    any_t = tables.tensor_table
+    row_var, col_var, variance = (flat.get(k, any_t) for k in ("row_var", "col_var", "variance"))
+    c_dtype = torch.float64 if param_dtype == torch.float64 else torch.float32
+    sums = torch.zeros((n, 2), dtype=c_dtype, device=device)  # reductions in the math type
+    row_sum = torch.zeros(row_var.shape, dtype=c_dtype, device=device) if "row_var" in flat else sums
+    col_sum = torch.zeros(col_var.shape, dtype=c_dtype, device=device) if "col_var" in flat else sums
+    rmean = torch.zeros_like(row_sum)
+    s_dtype = next((flat[k].dtype for k in ("row_var", "variance") if k in flat), param_dtype)
+    args = (
+        tables.tensor_table, info, tiles, scalars, row_var, col_var, variance, sums, row_sum, col_sum, rmean,
+        *(any_t if x is None else x for x in (features.clip_coef, features.master)),
+        float_bits(eps1), float_bits(eps2), float_bits(d), features.seed,
+    )  # fmt: skip
+    constexprs = {
+        "P_DTYPE": triton_dtype(param_dtype),
+        "S_DTYPE": triton_dtype(s_dtype),
+        "C_DTYPE": compute_dtype(param_dtype),
+        "WEIGHT_DECAY": weight_decay != 0,
+        "MAXIMIZE": maximize,
+        "HAS_CLIP": features.clip_coef is not None,
+        "MASTER": features.master is not None,
+        "STOCHASTIC": features.stochastic,
+    }
+    grid = (tiles.numel(),)
+    launch(_adafactor_kernel, tables, args, {**constexprs, "PHASE": 0}, num_warps, grid=grid)
+    if factors.numel():
+        f_args = (factors, info, scalars, row_var, col_var, row_sum, col_sum, rmean)
+        f_const = {"S_DTYPE": triton_dtype(s_dtype), "C_DTYPE": constexprs["C_DTYPE"], "BLOCK_F": BLOCK_F}
+        launch(_factors_kernel, tables, f_args, f_const, num_warps=4, grid=(factors.numel(),))
+    launch(_adafactor_kernel, tables, args, {**constexprs, "PHASE": 2}, num_warps, grid=grid)
+    launch(_adafactor_kernel, tables, args, {**constexprs, "PHASE": 3}, num_warps, grid=grid)
+
+
+assert ROW == 8 and (TR, TC) == (16, 128) and INFO == 8 and _SCALARS == 5  # spelled out in the kernels

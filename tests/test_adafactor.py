@@ -290,3 +290,37 @@ def test_bf16_states_round_the_fp32_states(device):
                 torch.testing.assert_close(mine.float(), value, rtol=2**-7, atol=0)
         step = (q.detach() - p0).abs().max().item()
         torch.testing.assert_close(p, q, rtol=0, atol=2**-6 * step)
+
+
+def test_distributed_checkpoint_round_trip(device, tmp_path):
+    """torch.distributed.checkpoint (one process): save, load into a fresh model and optimizer, and
+    both go on alike; the factored states keep their shapes."""
+    import copy
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    torch.manual_seed(8)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 3)).to(device)
+    fresh = copy.deepcopy(model)
+    x = torch.randn(4, 6, device=device)
+
+    def train(m, opt, steps):
+        for _ in range(steps):
+            m(x).square().sum().backward()
+            opt.step()
+            opt.zero_grad()
+
+    opt = fused_optim.Adafactor(model.parameters(), **EVERYTHING)
+    train(model, opt, 2)
+    dcp.save({"optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=tmp_path)
+    fresh.load_state_dict(model.state_dict())
+    opt2 = fused_optim.Adafactor(fresh.parameters(), **EVERYTHING)
+    state = {"optim": get_optimizer_state_dict(fresh, opt2)}
+    dcp.load(state, checkpoint_id=tmp_path)
+    set_optimizer_state_dict(fresh, opt2, state["optim"])
+    assert opt2.state[fresh[0].weight]["row_var"].shape == (5, 1)
+    assert_same(opt2, opt, list(fresh.parameters()), list(model.parameters()), {"rtol": 0, "atol": 0}, "loaded")
+    train(model, opt, 2)
+    train(fresh, opt2, 2)
+    assert_same(opt2, opt, list(fresh.parameters()), list(model.parameters()), TOL[torch.float32][1], "2 steps on")

@@ -38,7 +38,7 @@ SCRIPT = textwrap.dedent(
         return dict(
             vector_accesses(ptx), **ptxas_report(ptx, arch=90), local=ptx.count(".local"),
             sass=sass_instructions(kernel.asm["cubin"]),
-            approx=len(re.findall(r"\\\\.approx(?:\\\\.ftz)?\\\\.f32|div\\\\.full\\\\.f32", ptx)),  # fp32 math
+            approx=len(re.findall(r"\\.approx(?:\\.ftz)?\\.f32|div\\.full\\.f32", ptx)),  # fp32 math
             sqrt_rn=ptx.count("sqrt.rn."), div_rn=ptx.count("div.rn."), fp64=fp64_arithmetic(ptx),
         )
 

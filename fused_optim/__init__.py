@@ -1,5 +1,7 @@
 """fused_optim: drop-in torch.optim optimizers whose whole update is one Triton launch per segment."""
 
+import torch as _torch
+
 from ._base import FusedOptimizer
 from .adadelta import Adadelta
 from .adafactor import Adafactor
@@ -31,3 +33,7 @@ __all__ = [
     "Rprop",
     "__version__",
 ]
+if hasattr(_torch.optim, "Muon"):  # torch >= 2.9
+    from .muon import Muon
+
+    __all__ += ["Muon"]

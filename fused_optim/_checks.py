@@ -15,13 +15,17 @@ from . import _dtensor
 from ._fallback import uses_triton
 from ._segments import COMPLEX_DTYPES, REAL_DTYPES, real_dtype
 
+PLACEHOLDER_SHAPES: dict[type, tuple[int, ...]] = {}  # torch classes that refuse a 1-D placeholder (Muon: 2-D)
+
 
 def check_like_torch(torch_cls, **kwargs) -> None:
     """Run ``torch_cls``'s own argument checks, raising its errors with its messages for the
-    installed torch version, by building it over a placeholder parameter. Arguments that this
-    torch version does not know are left out."""
+    installed torch version, by building it over a placeholder parameter (empty, 1-D unless
+    ``PLACEHOLDER_SHAPES`` says otherwise). Arguments that this torch version does not know are
+    left out."""
     accepted = inspect.signature(torch_cls.__init__).parameters
-    torch_cls([torch.zeros(0, requires_grad=True)], **{k: v for k, v in kwargs.items() if k in accepted})
+    placeholder = torch.zeros(PLACEHOLDER_SHAPES.get(torch_cls, (0,)), requires_grad=True)
+    torch_cls([placeholder], **{k: v for k, v in kwargs.items() if k in accepted})
 
 
 def check_extensions(options: dict) -> None:

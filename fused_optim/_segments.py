@@ -132,6 +132,7 @@ class Segment:
         self.scalars = {k: torch.zeros(len(members), dtype=scalar_dtype(), device=scalar_device) for k in scalar_keys}
         self.scalars_np = {} if device_step else {k: v.numpy() for k, v in self.scalars.items()}
         self.fresh: set[int] = set()  # members whose FRESH state the next launch writes
+        self.scratch: dict[str, torch.Tensor] = {}  # flat buffers an algorithm keeps outside ``state`` (Muon)
         self.norm_classes = [_dtensor.norm_class(p) for p in members]  # for clipping across ranks
         self.uniform_norm_class = len(set(self.norm_classes)) <= 1
 
@@ -177,7 +178,7 @@ class Launch:
     features: Features = field(default_factory=Features)  # AMP, clipping, master weights, ... (per step)
     stage_params: list = field(default_factory=list)  # (member index, buffer)
     stage_grads: list = field(default_factory=list)  # (group position, buffer)
-    own_tables: tuple | None = None  # more device tables, for algorithms with kernels of their own (Adafactor)
+    own_tables: tuple | None = None  # what an algorithm keeps per launch (Adafactor's tables, Muon's lr ratios)
 
     def stage_in(self, grads) -> None:
         """Copy grads (and params) that the kernels cannot address in place into their buffers."""

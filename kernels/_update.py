@@ -15,7 +15,8 @@ a ``@triton.jit`` function that computes them on the device:
   and ``g`` (after maximize and weight decay), ``s`` the tuple of states in ``state_keys``
   order (a state absent from this launch holds a placeholder that is neither loaded nor stored),
   ``h`` the hyperparameters, ``k`` the step scalars, ``lr``, all in C_DTYPE; ``fresh`` is true on
-  a tensor's first step (``uses_fresh``); ``O0..O2`` its constexpr options.
+  a tensor's first step (``uses_fresh``); ``O0..O2`` its constexpr options. States named in
+  ``read_only`` are loaded but never stored (Muon's update, written by another launch).
 * ``device_scalars(step, aux, lr, h, O0, O1, O2) -> k`` the step scalars from float64 inputs (the
   step already advanced; ``aux`` the tuple of per-parameter scalars kept beside it, as they were
   before this step), as the host computes them from host step counts;
@@ -49,6 +50,7 @@ MAX_H = 6  # hyperparameter slots
 MAX_K = 4  # step-scalar slots
 MAX_O = 3  # algorithm option slots
 MASKED_PARTS = tl.constexpr(4)  # a masked block runs as this many parts (registers: see _update_kernel)
+READ_ONLY = 16  # LIVE bit READ_ONLY + i: state i is loaded but not stored
 EXTRA_COLS = 3  # per-tensor table columns after the step scalars: lr, decay, step
 _H = [f"h{i}" for i in range(MAX_H)]
 _K = [f"k{i}" for i in range(MAX_K)]
@@ -66,6 +68,7 @@ class Algorithm:
     advance_aux: object = None  # @triton.jit, advancing the per-parameter scalars besides ``step``
     n_aux: int = 0  # per-parameter scalars besides ``step`` that the device advances
     uses_fresh: bool = False  # state created from the first grad (FLAG_FRESH)
+    read_only: tuple[str, ...] = ()  # states it only reads: loaded, never stored
 
 
 @triton.jit
@@ -105,7 +108,7 @@ def _block(
     p, s = MATH(p, g, s, fresh, lr, h, k, O0, O1, O2, C_DTYPE)
     store_param(p_ptr, w_ptr, p, offs, mask, seed, s_off + first, N, P_DTYPE, MASTER, STOCHASTIC)
     for i in tl.static_range(len(states)):
-        if (LIVE >> i) & 1:
+        if ((LIVE & ~(LIVE >> 16)) >> i) & 1:  # present and not read-only (LIVE bit READ_ONLY + i)
             tl.store(ptrs[i] + offs, to_storage(s[i], S_DTYPE), mask=mask)
 
 
@@ -133,7 +136,7 @@ def _update_kernel(
     decay: tl.int64,  # 1 - lr * weight_decay (DECOUPLED) or weight_decay
     seed: tl.int64,  # stochastic rounding seed
     MATH: tl.constexpr,  # the algorithm's @triton.jit math
-    LIVE: tl.constexpr,  # bit i set: state i is present (loaded and stored)
+    LIVE: tl.constexpr,  # bit i set: state i is present (loaded and stored; not stored if bit READ_ONLY + i)
     N_H: tl.constexpr,  # hyperparameters used
     N_K: tl.constexpr,  # step scalars used
     USES_FRESH: tl.constexpr,  # read the FRESH flag of the tensor
@@ -255,9 +258,11 @@ def update_step(
         float_bits(1.0 - lr * weight_decay if decoupled else weight_decay),
         features.seed,
     )
+    live = sum(1 << i for i, s in enumerate(present) if s is not None)
+    read_only = sum(1 << i for i, key in enumerate(algo.state_keys) if key in algo.read_only)
     constexprs = {
         "MATH": algo.math,
-        "LIVE": sum(1 << i for i, s in enumerate(present) if s is not None),
+        "LIVE": live | (live & read_only) << READ_ONLY,
         "N_H": algo.n_hyper,
         "N_K": algo.n_step,
         "USES_FRESH": algo.uses_fresh,
@@ -413,4 +418,4 @@ def advance(
     return tables.step_table
 
 
-assert ROW == 8 and EXTRA_COLS == 3  # the kernels above spell these out
+assert ROW == 8 and EXTRA_COLS == 3 and READ_ONLY == 16  # the kernels above spell these out

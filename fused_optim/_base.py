@@ -104,6 +104,7 @@ class FusedOptimizer(PlansMixin, FeaturesMixin, ChecksMixin, FallbackMixin, Opti
     # (README, "How it works"). 1 until measured on a GPU.
     _blocks_per_program = 1
     _step_supports_amp_scaling = True  # GradScaler passes grad_scale and found_inf to step()
+    _own_extensions: ClassVar[dict] = {}  # a class's own options beyond _EXTENSIONS, with defaults (Muon's)
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -113,21 +114,23 @@ class FusedOptimizer(PlansMixin, FeaturesMixin, ChecksMixin, FallbackMixin, Opti
         signature = inspect.signature(init)
         torch_args = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
         if len(torch_args) < len(signature.parameters):  # publish **extensions as named arguments
-            ours = [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v) for k, v in _EXTENSIONS.items()]
+            ours = [
+                inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v) for k, v in cls._extensions().items()
+            ]
             init.__signature__ = signature.replace(parameters=torch_args + ours)
 
     def __init__(self, params, arguments: dict) -> None:
         # ``arguments`` holds the subclass constructor's arguments (its locals()): torch's own
         # checks see torch's arguments first, so bad arguments raise torch's errors.
         extensions = arguments.get("extensions", {})
-        for key in extensions.keys() - _EXTENSIONS.keys():
+        for key in extensions.keys() - self._extensions().keys():
             raise TypeError(f"{type(self).__name__}.__init__() got an unexpected keyword argument {key!r}")
         defaults = {k: v for k, v in arguments.items() if k not in ("self", "params", "__class__", "extensions")}
         defaults = self._normalize({**defaults, **self._fixed})
         check_like_torch(self._torch_cls, **defaults)
         self._check_options(defaults)
         # Optimizer-wide settings, outside param_groups so that those stay torch's.
-        self.options = {**_EXTENSIONS, **extensions}
+        self.options = {**self._extensions(), **extensions}
         self.options["master_weights"] = bool(self.options["master_weights"])
         self.options["stochastic_rounding"] = bool(self.options["stochastic_rounding"])
         check_extensions(self.options)
@@ -137,6 +140,11 @@ class FusedOptimizer(PlansMixin, FeaturesMixin, ChecksMixin, FallbackMixin, Opti
             for index, group in enumerate(self.param_groups):
                 self._layout(index, group, None, everyone=True)
             self._tracker.dirty = False
+
+    @classmethod
+    def _extensions(cls) -> dict:
+        """fused_optim's keyword arguments beyond torch's, with their defaults."""
+        return {**_EXTENSIONS, **cls._own_extensions}
 
     # --- what a subclass declares ---------------------------------------------------------------
     def _normalize(self, defaults: dict) -> dict:
@@ -205,13 +213,13 @@ class FusedOptimizer(PlansMixin, FeaturesMixin, ChecksMixin, FallbackMixin, Opti
 
     def __setstate__(self, state: dict) -> None:
         if "options" in state:  # pickled or deep-copied; load_state_dict keeps the current ones
-            self.options = {**_EXTENSIONS, **state.pop("options")}  # options added since then: defaults
+            self.options = {**self._extensions(), **state.pop("options")}  # options added since then: defaults
         super().__setstate__(state)
         # groups saved by an older version get the constructor's defaults, as torch.optim does
         defaults = {
             name: arg.default
             for name, arg in inspect.signature(type(self).__init__).parameters.items()
-            if arg.default is not arg.empty and name not in _EXTENSIONS
+            if arg.default is not arg.empty and name not in self._extensions()
         }
         for group in self.param_groups:
             for key, value in defaults.items():

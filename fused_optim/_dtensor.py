@@ -35,6 +35,16 @@ def like_param(local_tensor: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     )
 
 
+def shard_like(full: torch.Tensor, param) -> torch.Tensor:
+    """This rank's shard of ``full`` (a whole tensor, the same on every rank) as ``param`` is
+    placed: local slicing, no communication."""
+    from torch.distributed.tensor import Replicate
+
+    mesh = param.device_mesh
+    whole = DTensor.from_local(full, mesh, [Replicate()] * mesh.ndim, run_check=False)
+    return whole.redistribute(mesh, param.placements).to_local()
+
+
 def real(t: torch.Tensor) -> torch.Tensor:
     """Complex tensors are updated as their real view, as torch.optim does; DTensors as their
     local shard."""

@@ -13,6 +13,7 @@ from torch.optim._muon import _adjust_lr
 from . import _dtensor
 from ._base import FusedOptimizer
 from ._checks import PLACEHOLDER_SHAPES
+from ._fallback import uses_triton
 from ._segments import as_float
 from .kernels import step_table, update_step
 from .kernels._jit import triton_dtype
@@ -67,9 +68,15 @@ class Muon(FusedOptimizer):
         adjust_lr_fn (str, optional): ``"original"`` (default, :math:`\sqrt{\max(1, A/B)}`) or
             ``"match_rms_adamw"`` (:math:`0.2\sqrt{\max(A, B)}`) for an :math:`A \times B` param.
         params, and fused_optim's own options: see :class:`~fused_optim.FusedOptimizer`.
+        nd_params (str, optional, keyword-only, beyond torch): how params with more than two dims
+            are read as matrices. None (default): refused, as torch does; ``"batch"``: a batch of
+            matrices over the last two dims (MoE expert stacks ``[E, R, C]``), each orthogonalized
+            and lr-adjusted on its own; ``"flatten"``: one matrix, the first dim by all the others
+            flattened (conv filters ``[O, I, kh, kw]`` as ``O x I*kh*kw``).
 
-    DTensor params (FSDP2, tensor parallel) raise ``NotImplementedError``: Newton-Schulz needs
-    each whole matrix, which a rank's shard is not.
+    DTensor params (FSDP2, tensor parallel): each rank gathers the updates of its sharded params
+    (bf16, one all-gather per param), orthogonalizes the whole matrices, batched as above, and
+    keeps its own shard; every rank does the same Newton-Schulz work.
     """
 
     _torch_cls = torch.optim.Muon
@@ -79,6 +86,8 @@ class Muon(FusedOptimizer):
     # updates, the current and the next iterate, two Gram matrices of at most as many elements) take
     # at most 10 bytes per element, 1.25 GiB at this size.
     _ns_batch_elements = 1 << 27
+    _row_major = True  # params are read as row-major matrices: non-contiguous ones are staged
+    _own_extensions: ClassVar[dict] = {"nd_params": None}
 
     def __init__(
         self, params, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95, nesterov: bool = True,
@@ -86,24 +95,23 @@ class Muon(FusedOptimizer):
         ns_steps: int = 5, adjust_lr_fn: str | None = None, **extensions,
     ) -> None:  # fmt: skip
         super().__init__(params, locals())
+        if self.options["nd_params"] not in (None, "batch", "flatten"):
+            raise ValueError(f"nd_params must be None, 'batch' or 'flatten', not {self.options['nd_params']!r}")
         for group in self.param_groups:
             for p in group["params"]:
-                if p.ndim != 2:  # torch's check and message
+                if p.ndim != 2 and (p.ndim < 2 or self.options["nd_params"] is None):  # torch's check and message
                     raise ValueError(
                         f"Muon only supports 2D parameters whereas we found a parameter with size: {p.size()}"
                     )
-                self._check_not_dtensor(p)
+
+    def _matrices(self, shape) -> tuple[int, int, int]:
+        """How a param of ``shape`` (its global shape) is read: (number of matrices, rows, columns)."""
+        if len(shape) == 2 or self.options["nd_params"] == "flatten":
+            return 1, shape[0], int(np.prod(shape[1:], dtype=np.int64))
+        return int(np.prod(shape[:-2], dtype=np.int64)), shape[-2], shape[-1]
 
     def _tensor_state_keys(self, group) -> tuple[str, ...]:
         return ("momentum_buffer",)  # zeros from the first step with a grad, as torch
-
-    @staticmethod
-    def _check_not_dtensor(p) -> None:
-        if _dtensor.is_dtensor(p):
-            raise NotImplementedError(
-                "fused_optim.Muon does not support DTensor parameters (FSDP2, tensor parallel): Newton-Schulz "
-                "needs each whole matrix, and a rank holds a shard of it"
-            )
 
     # --- checks: torch raises these in step(); here before anything changes ------------------
     def _plans(self):
@@ -123,9 +131,13 @@ class Muon(FusedOptimizer):
                 raise RuntimeError("Muon does not support complex parameters")
             if g.is_sparse:
                 raise RuntimeError("Muon does not support sparse gradients")
-            self._check_not_dtensor(p)
-            if g.ndim != 2:
+            if g.ndim != 2 and (g.ndim < 2 or self.options["nd_params"] is None):
                 raise ValueError("Param gradient must be a 2D matrix")
+            if _dtensor.is_dtensor(p) and not uses_triton(_dtensor.local(p).device):
+                raise NotImplementedError(
+                    "fused_optim.Muon with DTensor params needs the Triton kernels (torch's Muon would "
+                    f"orthogonalize each rank's shard), which do not run on {_dtensor.local(p).device}"
+                )
         super()._validate(index, group, grads)
 
     # --- step: momentum launch, batched Newton-Schulz, apply launch ----------------------------
@@ -145,8 +157,9 @@ class Muon(FusedOptimizer):
         # torch's _adjust_lr, lr * ratio in float64; one value when every param's ratio is the same
         cached = launch.own_tables
         if cached is None or cached[0] != group["adjust_lr_fn"]:
-            ratios = np.asarray([_adjust_lr(1.0, group["adjust_lr_fn"], seg.shapes[i]) for i in launch.rows.tolist()])
-            cached = launch.own_tables = (group["adjust_lr_fn"], ratios)
+            fn = group["adjust_lr_fn"]
+            ratios = np.asarray([_adjust_lr(1.0, fn, self._matrices(seg.members[i].shape)[1:]) for i in launch.rows])
+            cached = launch.own_tables = (fn, ratios)
         neg_lrs = -(lr * cached[1])
         if neg_lrs.min() == neg_lrs.max():
             scalars = (float(neg_lrs[0]),)
@@ -160,20 +173,31 @@ class Muon(FusedOptimizer):
         )  # fmt: skip
 
     def _orthogonalize(self, group, seg, rows: np.ndarray, scratch: torch.Tensor) -> None:
-        """Newton-Schulz on the scratch regions of ``rows``, batched by shape, written back."""
-        by_shape: dict[tuple, list[int]] = {}
+        """Newton-Schulz on the scratch regions of ``rows``, batched by matrix shape, written back.
+        A DTensor param's update is gathered whole first, and only its shard is written back."""
+        by_shape: dict[tuple, list] = {}  # (rows, columns) -> [(matrices [k, R, C] in bf16, where they go)]
         for i in rows.tolist():
-            if seg.numels[i]:
-                by_shape.setdefault(seg.shapes[i], []).append(i)
+            if not seg.numels[i]:
+                continue
+            member = seg.members[i]
+            k, r, c = self._matrices(member.shape)
+            region = scratch.as_strided(seg.shapes[i], seg.strides[i], int(seg.offsets[i]))  # contiguous
+            update = region.to(torch.bfloat16)  # update.bfloat16(), before the gather: half the bytes
+            if _dtensor.is_dtensor(member):
+                update = _dtensor.like_param(update, member).full_tensor()
+            by_shape.setdefault((r, c), []).append((update.view(k, r, c), region, member))
         coefficients, ns_steps, eps = tuple(group["ns_coefficients"]), int(group["ns_steps"]), as_float(group["eps"])
-        for (r, c), members in by_shape.items():
+        for (r, c), entries in by_shape.items():
+            batch = torch.cat([x for x, _, _ in entries]) if len(entries) > 1 else entries[0][0]
             per_batch = max(1, self._ns_batch_elements // (r * c))
-            for start in range(0, len(members), per_batch):
-                chunk = members[start : start + per_batch]
-                views = [scratch.as_strided(seg.shapes[i], seg.strides[i], int(seg.offsets[i])) for i in chunk]
-                x = torch.empty((len(chunk), r, c), dtype=torch.bfloat16, device=scratch.device)
-                torch._foreach_copy_(list(x.unbind(0)), views)  # update.bfloat16()
-                torch._foreach_copy_(views, list(newton_schulz(x, coefficients, ns_steps, eps).unbind(0)))
+            out = torch.cat([newton_schulz(x, coefficients, ns_steps, eps) for x in batch.split(per_batch)])
+            start = 0
+            for x, region, member in entries:
+                result = out[start : start + len(x)].view(member.shape)
+                start += len(x)
+                if _dtensor.is_dtensor(member):
+                    result = _dtensor.shard_like(result, member)
+                region.copy_(result.view(region.shape))
 
     def bytes_per_step(self) -> int:
         """As ``FusedOptimizer.bytes_per_step`` for the two launches (the scratch written once and

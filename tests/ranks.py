@@ -3,6 +3,7 @@ a small gloo (CPU) or NCCL (CUDA) job started by ``run_ranks``, and raises on an
 
 from __future__ import annotations
 
+import copy
 import os
 import socket
 import sys
@@ -101,11 +102,15 @@ def fsdp2(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def batch(step: int, rank: int):
+    """Rank ``rank``'s inputs and targets at ``step``."""
+    gen = torch.Generator().manual_seed(1000 * step + rank)
+    return torch.randn(6, 8, generator=gen).to(_device()), torch.randn(6, 3, generator=gen).to(_device())
+
+
 def train_step(model, opt, step: int, clip: float | None = None):
     """One step on this rank's own batch; returns the total grad norm when clipping."""
-    gen = torch.Generator().manual_seed(1000 * step + dist.get_rank())
-    x = torch.randn(6, 8, generator=gen).to(_device())
-    y = torch.randn(6, 3, generator=gen).to(_device())
+    x, y = batch(step, dist.get_rank())
     torch.nn.functional.mse_loss(model(x), y).backward()
     norm = None
     if clip is not None:
@@ -204,6 +209,46 @@ def fsdp2_clip() -> None:
             theirs = theirs.full_tensor() if hasattr(theirs, "full_tensor") else theirs
             close(ours, theirs, {"rtol": 1e-6, "atol": 0.0}, f"total norm step {step + 1}")
             compare(model, opt, ref_model, ref, RUN, f"clip {max_norm} step {step + 1}")
+
+
+def fsdp2_muon() -> None:
+    """Muon on FSDP2-sharded params (whole updates gathered, orthogonalized, each rank keeping its
+    shard) against torch.optim.Muon in one process on whole params with the same grads (FSDP2's,
+    gathered): the same steps, to fp32 rounding."""
+    torch.manual_seed(0)
+    sizes = [(8, 19), (19, 13), (13, 13), (13, 13), (13, 3)]  # uneven dim-0 shards; one shape twice
+    layers = [torch.nn.Linear(i, o, bias=False) for i, o in sizes]
+    ref_model = torch.nn.Sequential(*[m for layer in layers for m in (layer, torch.nn.Tanh())][:-1]).to(_device())
+    model = fsdp2(copy.deepcopy(ref_model))
+    kwargs = {"lr": 0.02, "weight_decay": 0.1}
+    opt, ref = fused_optim.Muon(model.parameters(), **kwargs), torch.optim.Muon(ref_model.parameters(), **kwargs)
+    from fused_optim._fallback import uses_triton
+
+    for step in range(3):
+        x, y = batch(step, dist.get_rank())
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        for p, q in zip(model.parameters(), ref_model.parameters()):
+            q.grad = p.grad.full_tensor()
+        if not uses_triton(_device()):  # torch's code would orthogonalize shards: refused, nothing changes
+            before = [p.full_tensor() for p in model.parameters()]
+            try:
+                opt.step()
+            except NotImplementedError as err:
+                assert "needs the Triton kernels" in str(err), err
+            else:
+                raise AssertionError("Muon ran torch's code on DTensor shards")
+            assert all(torch.equal(p.full_tensor(), b) for p, b in zip(model.parameters(), before))
+            return
+        opt.step()
+        opt.zero_grad()
+        ref.step()
+        ref.zero_grad()
+        for (name, p), q in zip(model.named_parameters(), ref_model.parameters()):
+            where = f"{name} step {step + 1} rank {dist.get_rank()}"
+            buf = opt.state[p]["momentum_buffer"]
+            assert buf.placements == p.placements, where
+            close(buf.full_tensor(), ref.state[q]["momentum_buffer"], RUN, f"momentum_buffer of {where}")
+            close(p.full_tensor().detach(), q.detach(), RUN, where)
 
 
 def ddp_parity(names: list[str]) -> None:

@@ -22,6 +22,12 @@ def test_fsdp2_global_norm_clip_matches_torch():
     d.run_ranks(d.fsdp2_clip, WORLD)
 
 
+@needs_fsdp2
+@pytest.mark.skipif(not hasattr(d.torch.optim, "Muon"), reason="torch.optim.Muon needs torch >= 2.9")
+def test_fsdp2_muon_matches_torch_in_one_process():
+    d.run_ranks(d.fsdp2_muon, WORLD)
+
+
 def test_ddp_every_algorithm_matches_torch():
     d.run_ranks(d.ddp_parity, WORLD, d.ALL)
 

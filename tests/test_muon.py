@@ -18,6 +18,7 @@ import torch
 from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz
 
 import fused_optim
+import fused_optim.muon
 from algorithms import EXTENSIONS
 from fused_optim.kernels._tables import record_launches
 from fused_optim.muon import newton_schulz
@@ -256,7 +257,8 @@ def test_signature_and_defaults_match_torch():
     ours = [(p.name, p.kind, p.default) for p in inspect.signature(fused_optim.Muon.__init__).parameters.values()]
     theirs = [(p.name, p.kind, p.default) for p in inspect.signature(torch.optim.Muon.__init__).parameters.values()]
     assert ours[: len(theirs)] == theirs
-    assert ours[len(theirs) :] == [(n, inspect.Parameter.KEYWORD_ONLY, d) for n, d in EXTENSIONS]
+    mine = [*EXTENSIONS, ("nd_params", None)]  # beyond torch: params with more than two dims
+    assert ours[len(theirs) :] == [(n, inspect.Parameter.KEYWORD_ONLY, d) for n, d in mine]
 
 
 def _trio(device, dtype=torch.float32, shapes=SHAPES, **options):
@@ -388,26 +390,80 @@ def test_non_contiguous_params(device):
         trio.check(f"after step {step + 1}")
 
 
-def test_dtensor_params_raise(device):
-    """Newton-Schulz needs whole matrices: refused at construction and in a later group, nothing changes."""
+def test_dtensor_params_are_gathered_orthogonalized_and_sharded_again(device):
+    """A DTensor param (one rank here; two in test_distributed.py) takes the same steps as the
+    plain tensor: its update is gathered whole, orthogonalized, and its shard kept."""
     import torch.distributed as dist
     from torch.distributed.tensor import DeviceMesh, Shard, distribute_tensor
 
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         mesh = DeviceMesh("cpu", [0])
-        p = torch.nn.Parameter(distribute_tensor(torch.ones(4, 3), mesh, [Shard(0)]))
-        with pytest.raises(NotImplementedError, match="DTensor"):
-            fused_optim.Muon([p])
-        q = torch.ones(4, 3, requires_grad=True)
-        opt = fused_optim.Muon([q])
-        opt.add_param_group({"params": [p]})
-        p.grad, q.grad = distribute_tensor(torch.ones(4, 3), mesh, [Shard(0)]), torch.ones(4, 3)
-        with pytest.raises(NotImplementedError, match="DTensor"):
+        init = random_tensors([(12, 7), (7, 12)], torch.float32, 3, device)
+        params = [torch.nn.Parameter(distribute_tensor(t.clone(), mesh, [Shard(0)])) for t in init]
+        plain = leaves(init)
+        opt, ref = fused_optim.Muon(params, lr=0.05), fused_optim.Muon(plain, lr=0.05)
+        for step in range(3):
+            for p, q, g in zip(params, plain, random_tensors([(12, 7), (7, 12)], torch.float32, 40 + step, device)):
+                p.grad, q.grad = distribute_tensor(g, mesh, [Shard(0)]), g.clone()
             opt.step()
-        assert torch.equal(p.full_tensor(), torch.ones(4, 3)) and torch.equal(q, torch.ones(4, 3)) and not opt.state
+            ref.step()
+            for p, q in zip(params, plain):
+                assert torch.equal(p.full_tensor(), q.detach())
+                assert torch.equal(opt.state[p]["momentum_buffer"].full_tensor(), ref.state[q]["momentum_buffer"])
     finally:
         dist.destroy_process_group()
+
+
+def test_same_shape_matrices_are_orthogonalized_in_one_batched_call(device, monkeypatch):
+    calls = []
+
+    def spy(x, *args):
+        calls.append(tuple(x.shape))
+        return newton_schulz(x, *args)
+
+    monkeypatch.setattr(fused_optim.muon, "newton_schulz", spy)
+    shapes = [(6, 4), (5, 5), (6, 4), (5, 5), (6, 4), (4, 6)]
+    params = leaves(random_tensors(shapes, torch.float32, 0, device))
+    for p in params:
+        p.grad = torch.randn_like(p)
+    fused_optim.Muon(params).step()
+    assert sorted(calls) == sorted([(3, 6, 4), (2, 5, 5), (1, 4, 6)])
+
+
+@pytest.mark.parametrize("mode", ["batch", "flatten"])
+def test_params_with_more_than_two_dims(mode, device):
+    """nd_params="batch": a [E, R, C] stack steps as E separate R x C matrices; "flatten": an
+    [O, I, k, k] filter as its O x I*k*k matrix: each against torch's Muon on those 2-D params."""
+    shape = (3, 6, 4) if mode == "batch" else (5, 2, 3, 3)
+    params = leaves(random_tensors([shape, (6, 4)], torch.float32, 1, device))
+    if mode == "batch":
+        ref_params = leaves([*params[0].detach().unbind(0), params[1].detach()])
+        as_ref = lambda grads: [*grads[0].unbind(0), grads[1]]  # noqa: E731
+    else:
+        ref_params = leaves([params[0].detach().reshape(5, 18), params[1].detach()])
+        as_ref = lambda grads: [grads[0].reshape(5, 18), grads[1]]  # noqa: E731
+    with pytest.raises(ValueError, match="only supports 2D"):
+        fused_optim.Muon(params)
+    opt, ref = fused_optim.Muon(params, lr=0.05, nd_params=mode), torch.optim.Muon(ref_params, lr=0.05)
+    for step in range(3):
+        grads = random_tensors([shape, (6, 4)], torch.float32, 20 + step, device)
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        for q, g in zip(ref_params, as_ref(grads)):
+            q.grad = g.clone()
+        opt.step()
+        ref.step()
+        # on CPU batched and per-matrix Newton-Schulz agree bit for bit (test_batched_newton_schulz...)
+        flat = lambda ps: torch.cat([p.detach().reshape(-1) for p in ps])  # noqa: E731
+        close(flat(params), flat(ref_params), BUF_TOL, f"step {step + 1}")
+
+
+def test_nd_params_checked():
+    with pytest.raises(ValueError, match="nd_params"):
+        fused_optim.Muon([torch.zeros(2, 2, requires_grad=True)], nd_params="rows")
+    with pytest.raises(ValueError, match="only supports 2D"):  # vectors stay refused, as torch does
+        fused_optim.Muon([torch.zeros(4, requires_grad=True)], nd_params="batch")
 
 
 SCRIPT = textwrap.dedent(

@@ -15,7 +15,7 @@ __all__ = ["Adafactor"]
 
 
 class Adafactor(FusedOptimizer):
-    r"""Adafactor, with the whole update in four Triton launches per parameter segment.
+    r"""Adafactor, with the whole update in three Triton launches per parameter segment.
 
     Drop-in for :class:`torch.optim.Adafactor` (same arguments, defaults, errors, state and
     ``state_dict``). A param with more than one dim keeps factored second moments over its last
@@ -32,8 +32,10 @@ class Adafactor(FusedOptimizer):
         \theta \leftarrow \theta (1 - \gamma\lambda)
             - \frac{\alpha_t}{\max(1, \mathrm{RMS}(U) / d)} U
 
-    The four launches (kernels/adafactor.py): the param norm and row/column sums of :math:`g^2`;
-    the factors; the norm of :math:`U`; the update.
+    The three launches (kernels/adafactor.py): the param norm and row/column sums of :math:`g^2`;
+    the new factors and the norm of :math:`U`; the update. (Two cannot give torch's update: the
+    clip by :math:`\mathrm{RMS}(U)` needs a reduction over :math:`U`, which needs the factors, which
+    need a reduction over the whole grad.)
 
     Args:
         lr (float, Tensor): learning rate :math:`\gamma` (default: 1e-2).

@@ -45,7 +45,9 @@ class FusedOptimizer(PlansMixin, FeaturesMixin, ChecksMixin, FallbackMixin, Opti
 
     * ``_torch_cls``: its torch.optim counterpart, whose own checks validate the arguments
       (``check_like_torch``), so errors and messages match the installed torch, and whose
-      functional form is the fallback (``_reference``);
+      functional form is the fallback (``_reference``); None for an algorithm torch.optim lacks,
+      which checks its arguments in ``_check_arguments`` and has no fallback (its params need the
+      kernels: CUDA, or the interpreter on CPU);
     * ``_algorithm``: the kernels' ``Algorithm`` (its math, state keys, device step scalars);
     * ``_hyper(group)``: the hyperparameters its math reads as ``h``, and ``_options(group)`` its
       constexpr options;
@@ -91,7 +93,7 @@ class FusedOptimizer(PlansMixin, FeaturesMixin, ChecksMixin, FallbackMixin, Opti
     the kernels, without a host synchronisation.
     """
 
-    _torch_cls: type[Optimizer]
+    _torch_cls: type[Optimizer] | None  # None: an algorithm torch.optim lacks (``_check_arguments``)
     _algorithm: Algorithm
     _scalar_state: ClassVar[dict[str, float]] = {"step": 0.0}
     _fixed: ClassVar[dict] = {}
@@ -127,7 +129,10 @@ class FusedOptimizer(PlansMixin, FeaturesMixin, ChecksMixin, FallbackMixin, Opti
             raise TypeError(f"{type(self).__name__}.__init__() got an unexpected keyword argument {key!r}")
         defaults = {k: v for k, v in arguments.items() if k not in ("self", "params", "__class__", "extensions")}
         defaults = self._normalize({**defaults, **self._fixed})
-        check_like_torch(self._torch_cls, **defaults)
+        if self._torch_cls is None:  # beyond torch.optim: the class checks its own arguments
+            self._check_arguments(defaults)
+        else:
+            check_like_torch(self._torch_cls, **defaults)
         self._check_options(defaults)
         # Optimizer-wide settings, outside param_groups so that those stay torch's.
         self.options = {**self._extensions(), **extensions}
@@ -147,6 +152,10 @@ class FusedOptimizer(PlansMixin, FeaturesMixin, ChecksMixin, FallbackMixin, Opti
         return {**_EXTENSIONS, **cls._own_extensions}
 
     # --- what a subclass declares ---------------------------------------------------------------
+    def _check_arguments(self, defaults: dict) -> None:
+        """Raise ``ValueError`` for bad arguments (classes without ``_torch_cls``)."""
+        raise NotImplementedError
+
     def _normalize(self, defaults: dict) -> dict:
         """The constructor's torch arguments as torch keeps them in ``defaults``."""
         return defaults

@@ -50,7 +50,7 @@ class ChecksMixin:
         name = type(self).__name__
         if group.get("differentiable"):
             raise NotImplementedError(f"fused_optim.{name} does not implement differentiable=True")
-        if group.get("capturable") and "capturable" not in inspect.signature(self._torch_cls.__init__).parameters:
+        if group.get("capturable") and "capturable" not in inspect.signature(type(self).__init__).parameters:
             raise NotImplementedError(f"fused_optim.{name} does not implement capturable=True")
         if group.get("capturable"):
             # lr is read by the kernels; other hyperparameters are read on the host, which a tensor
@@ -101,6 +101,12 @@ class ChecksMixin:
 
     def _check_fallback(self, group, p: torch.Tensor, where: str) -> None:
         """Options torch.optim's implementation (devices the kernels do not run on) cannot honour."""
+        if self._torch_cls is None:
+            raise NotImplementedError(
+                f"fused_optim.{type(self).__name__} has no torch.optim counterpart to run where the Triton kernels "
+                f"do not, as on {p.device} ({where}): use CUDA, or set TRITON_INTERPRET=1 before importing "
+                "fused_optim to run them on CPU through Triton's interpreter"
+            )
         dtype = real_dtype(p.dtype)
         keys = self._key_dtypes(group, dtype)
         master = "master_param" in keys

@@ -169,6 +169,12 @@ class FusedOptimizer(PlansMixin, FeaturesMixin, ChecksMixin, FallbackMixin, Opti
     def _step_scalars(self, group, scalars: dict[str, float]) -> tuple[float, ...]:
         return ()
 
+    def _weight_decay(self, group) -> tuple[float, bool]:
+        """The weight decay the kernel's skeleton applies before the math, and whether it is
+        decoupled (torch's ``weight_decay``, ``decoupled_weight_decay``); (0, False) for an
+        algorithm whose math applies its own (LAMB, LARS)."""
+        return as_float(group.get("weight_decay", 0.0)), bool(group.get("decoupled_weight_decay", False))
+
     def _tensor_state_keys(self, group) -> tuple[str, ...]:
         return self._algorithm.state_keys
 
@@ -301,8 +307,7 @@ class FusedOptimizer(PlansMixin, FeaturesMixin, ChecksMixin, FallbackMixin, Opti
         """Advance the scalar state of the launch's rows, then one launch of the update kernel."""
         seg, features = launch.seg, launch.features
         lr = 0.0 if features.lr_tensor is not None else as_float(group["lr"])  # a device lr is read on the device
-        weight_decay = as_float(group.get("weight_decay", 0.0))
-        decoupled = bool(group.get("decoupled_weight_decay", False))
+        weight_decay, decoupled = self._weight_decay(group)
         hyper, options = self._hyper(group), self._options(group)
         if seg.device_step:
             aux = tuple(v for k, v in seg.scalars.items() if k != "step")  # NAdam's mu_product, ASGD's eta, mu

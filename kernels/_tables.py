@@ -88,6 +88,7 @@ class Tables:
     block: int  # elements per block
     rows: np.ndarray  # the tensor table on the host (shares memory with it on CPU)
     step_table: torch.Tensor | None = None  # per-tensor step scalars written on the device (device steps)
+    sums: torch.Tensor | None = None  # per-tensor sums of a reduction pass (algorithms with ``n_sums``)
     blocks: int = 1  # blocks per program
     stream: object = None  # CUDA stream the tables were last used on (``device_guard``)
     uploaded: object = None  # CUDA event recorded after the upload (``device_guard``)
@@ -205,7 +206,7 @@ def device_guard(tables: Tables):
         stream = torch.cuda.current_stream(device)
         if stream != tables.stream and not torch.cuda.is_current_stream_capturing():
             stream.wait_event(tables.uploaded)
-            for t in (tables.tensor_table, tables.block_table, tables.step_table):
+            for t in (tables.tensor_table, tables.block_table, tables.step_table, tables.sums):
                 if t is not None:
                     t.record_stream(stream)
             tables.stream = stream

@@ -69,13 +69,16 @@ class Algorithm:
     n_aux: int = 0  # per-parameter scalars besides ``step`` that the device advances
     uses_fresh: bool = False  # state created from the first grad (FLAG_FRESH)
     read_only: tuple[str, ...] = ()  # states it only reads: loaded, never stored
+    reduce: object = None  # @triton.jit, per-element terms of the per-tensor sums the update needs
+    n_sums: int = 0  # how many (each step then takes two launches: the sums, then the update)
 
 
 @triton.jit
 def _block(
-    p_addr, g_addr, states, master, s_off, first, numel, fresh, g_mult, seed, lr, decay, h, k,
+    p_addr, g_addr, states, master, s_off, first, numel, fresh, g_mult, seed, lr, decay, h, k, sums,
     N: tl.constexpr,  # elements from ``first``
-    MATH: tl.constexpr, LIVE: tl.constexpr, O0: tl.constexpr, O1: tl.constexpr, O2: tl.constexpr,
+    MATH: tl.constexpr, REDUCE: tl.constexpr, N_SUMS: tl.constexpr, PHASE: tl.constexpr,
+    LIVE: tl.constexpr, O0: tl.constexpr, O1: tl.constexpr, O2: tl.constexpr,
     P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, C_DTYPE: tl.constexpr,
     WEIGHT_DECAY: tl.constexpr, DECOUPLED: tl.constexpr, MAXIMIZE: tl.constexpr,
     SCALE_GRAD: tl.constexpr, MASTER: tl.constexpr, STOCHASTIC: tl.constexpr,
@@ -105,11 +108,19 @@ def _block(
             p = p * decay
         else:
             g = tl.fma(decay, p, g)
-    p, s = MATH(p, g, s, fresh, lr, h, k, O0, O1, O2, C_DTYPE)
-    store_param(p_ptr, w_ptr, p, offs, mask, seed, s_off + first, N, P_DTYPE, MASTER, STOCHASTIC)
-    for i in tl.static_range(len(states)):
-        if ((LIVE & ~(LIVE >> 16)) >> i) & 1:  # present and not read-only (LIVE bit READ_ONLY + i)
-            tl.store(ptrs[i] + offs, to_storage(s[i], S_DTYPE), mask=mask)
+    if PHASE == 1:  # the reduction pass: this block's share of the tensor's sums; nothing stored
+        parts = REDUCE(p, g, s, fresh, lr, h, k, O0, O1, O2, C_DTYPE)
+        for i in tl.static_range(N_SUMS):
+            x = parts[i]
+            if not FULL:
+                x = tl.where(mask, x, 0.0)
+            tl.atomic_add(sums + i, tl.sum(x, axis=0))
+    else:
+        p, s = MATH(p, g, s, fresh, lr, h, k, O0, O1, O2, C_DTYPE)
+        store_param(p_ptr, w_ptr, p, offs, mask, seed, s_off + first, N, P_DTYPE, MASTER, STOCHASTIC)
+        for i in tl.static_range(len(states)):
+            if ((LIVE & ~(LIVE >> 16)) >> i) & 1:  # present and not read-only (LIVE bit READ_ONLY + i)
+                tl.store(ptrs[i] + offs, to_storage(s[i], S_DTYPE), mask=mask)
 
 
 @jit_kernel(unspecialized=[*_H, *_K, "lr", "decay", "seed"])
@@ -122,6 +133,7 @@ def _update_kernel(
     found_inf,  # AMP: nonzero skips the whole update (HAS_FOUND_INF)
     clip_coef,  # global-norm clipping: grads are multiplied by it (HAS_CLIP)
     master,  # flat fp32 master copy of the params (MASTER)
+    sum_table,  # [n, N_SUMS] in the math type: per-tensor sums, added by PHASE 1, read by PHASE 2
     h0: tl.int64,  # hyperparameters, as float_bits (unused slots: 0)
     h1: tl.int64,
     h2: tl.int64,
@@ -136,6 +148,9 @@ def _update_kernel(
     decay: tl.int64,  # 1 - lr * weight_decay (DECOUPLED) or weight_decay
     seed: tl.int64,  # stochastic rounding seed
     MATH: tl.constexpr,  # the algorithm's @triton.jit math
+    REDUCE: tl.constexpr,  # the algorithm's @triton.jit reduction (N_SUMS > 0)
+    N_SUMS: tl.constexpr,  # per-tensor sums the update needs (LAMB's norms): two launches
+    PHASE: tl.constexpr,  # 0: the update; with N_SUMS: 1 the reduction pass, 2 the update reading its sums
     LIVE: tl.constexpr,  # bit i set: state i is present (loaded and stored; not stored if bit READ_ONLY + i)
     N_H: tl.constexpr,  # hyperparameters used
     N_K: tl.constexpr,  # step scalars used
@@ -183,6 +198,10 @@ def _update_kernel(
             lr_c = hp(lr, C_DTYPE)
             decay_c = hp(decay, C_DTYPE)
             rseed = seed
+        sums = sum_table + t * N_SUMS
+        if PHASE == 2:  # the tensor's sums from the reduction pass follow the step scalars
+            for j in tl.static_range(N_SUMS):
+                k = k + (tl.load(sums + j).to(C_DTYPE),)
         if USES_FRESH:
             fresh = is_fresh(tensor_table, t)
         else:
@@ -194,8 +213,8 @@ def _update_kernel(
             if first + BLOCK <= vec_end:
                 _block(
                     p_addr, g_addr, states, master, s_off, first, numel, fresh, g_mult, rseed, lr_c, decay_c, h, k,
-                    BLOCK, MATH, LIVE, O0, O1, O2, P_DTYPE, S_DTYPE, C_DTYPE, WEIGHT_DECAY, DECOUPLED, MAXIMIZE,
-                    scale_grad, MASTER, STOCHASTIC, True,
+                    sums, BLOCK, MATH, REDUCE, N_SUMS, PHASE, LIVE, O0, O1, O2, P_DTYPE, S_DTYPE, C_DTYPE,
+                    WEIGHT_DECAY, DECOUPLED, MAXIMIZE, scale_grad, MASTER, STOCHASTIC, True,
                 )  # fmt: skip
             elif first < numel:
                 # A tensor's last block, or a block of a tensor whose address is not 16-byte aligned:
@@ -207,8 +226,9 @@ def _update_kernel(
                     if sub < numel:
                         _block(
                             p_addr, g_addr, states, master, s_off, sub, numel, fresh, g_mult, rseed, lr_c, decay_c,
-                            h, k, BLOCK // MASKED_PARTS, MATH, LIVE, O0, O1, O2, P_DTYPE, S_DTYPE, C_DTYPE,
-                            WEIGHT_DECAY, DECOUPLED, MAXIMIZE, scale_grad, MASTER, STOCHASTIC, False,
+                            h, k, sums, BLOCK // MASKED_PARTS, MATH, REDUCE, N_SUMS, PHASE, LIVE, O0, O1, O2,
+                            P_DTYPE, S_DTYPE, C_DTYPE, WEIGHT_DECAY, DECOUPLED, MAXIMIZE, scale_grad, MASTER,
+                            STOCHASTIC, False,
                         )  # fmt: skip
 
 
@@ -248,10 +268,17 @@ def update_step(
     tensors, flags = feature_args(features, tables.tensor_table)
     present = [flat.get(key) for key in algo.state_keys]
     any_state = next((s for s in present if s is not None), tables.tensor_table)
+    sums = tables.tensor_table  # any tensor, unless the algorithm needs per-tensor sums
+    if algo.n_sums:  # this step's sums, zeroed on the device (no allocation: capturable)
+        if tables.sums is None:
+            shape, device = (tables.tensor_table.shape[0], algo.n_sums), tables.block_table.device
+            tables.sums = torch.empty(shape, dtype=_sum_dtype(param_dtype), device=device)
+        sums = tables.sums.zero_()
     args = (
         tuple(any_state if s is None else s for s in present),
         step_scalars if per_tensor else tables.tensor_table,
         *tensors,
+        sums,
         *_padded(hyper, MAX_H),
         *_padded(() if per_tensor else step_scalars, MAX_K),
         float_bits(lr),
@@ -262,6 +289,8 @@ def update_step(
     read_only = sum(1 << i for i, key in enumerate(algo.state_keys) if key in algo.read_only)
     constexprs = {
         "MATH": algo.math,
+        "REDUCE": algo.reduce or _no_reduce,
+        "N_SUMS": algo.n_sums,
         "LIVE": live | (live & read_only) << READ_ONLY,
         "N_H": algo.n_hyper,
         "N_K": algo.n_step,
@@ -276,7 +305,17 @@ def update_step(
         "PER_TENSOR_STEP": per_tensor,
         **flags,
     }
-    launch(_update_kernel, tables, args, constexprs, num_warps)
+    for phase in (1, 2) if algo.n_sums else (0,):
+        launch(_update_kernel, tables, args, {**constexprs, "PHASE": phase}, num_warps)
+
+
+def _sum_dtype(param_dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if param_dtype == torch.float64 else torch.float32
+
+
+@triton.jit
+def _no_reduce(p, g, s, fresh, lr, h, k, O0, O1, O2, C_DTYPE):
+    return ()
 
 
 def step_table(per_row: np.ndarray, lr: float, weight_decay: float, decoupled: bool, steps, device) -> torch.Tensor:

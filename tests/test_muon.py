@@ -528,7 +528,7 @@ CODEGEN = textwrap.dedent(
     import json, re
     import triton.language as tl
     from fused_optim.kernels._inspect import compile_for, fp64_arithmetic, ptxas_report, vector_accesses
-    from fused_optim.kernels._update import READ_ONLY, _update_kernel
+    from fused_optim.kernels._update import READ_ONLY, _no_reduce, _update_kernel
     from fused_optim.kernels.muon import MUON_APPLY, MUON_MOMENTUM
 
     out = {}
@@ -539,12 +539,13 @@ CODEGEN = textwrap.dedent(
             live = (1 << len(algo.state_keys)) - 1
             constexprs = dict(
                 MATH=algo.math, LIVE=live | ro << READ_ONLY, N_H=algo.n_hyper, N_K=algo.n_step, USES_FRESH=False,
+                REDUCE=_no_reduce, N_SUMS=0, PHASE=0,
                 O0=True, O1=d, O2=False, P_DTYPE=d, S_DTYPE=d, C_DTYPE=tl.float32, WEIGHT_DECAY=name == "momentum",
                 DECOUPLED=True, MAXIMIZE=False, PER_TENSOR_STEP=name == "apply", HAS_GRAD_SCALE=True,
                 HAS_FOUND_INF=True, HAS_CLIP=True, MASTER=False, STOCHASTIC=False, BLOCK=block, BLOCKS=1,
             )
             types = {"tensor_table": "*i64", "block_table": "*i64", "step_table": "*fp64", "grad_scale": "*fp32",
-                     "found_inf": "*fp32", "clip_coef": "*fp32", "master": "*fp32",
+                     "found_inf": "*fp32", "clip_coef": "*fp32", "master": "*fp32", "sum_table": "*fp32",
                      "states": tuple("*" + dt for _ in algo.state_keys)}
             ptx = compile_for(_update_kernel, types, constexprs, num_warps=8).asm["ptx"]
             approx = len(re.findall(r"\\.approx(?:\\.ftz)?\\.f32|div\\.full\\.f32", ptx))

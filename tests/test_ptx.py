@@ -26,7 +26,7 @@ SCRIPT = textwrap.dedent(
     from fused_optim.kernels._inspect import compile_for, fp64_arithmetic, ptxas_report, sass_instructions
     from fused_optim.kernels._inspect import vector_accesses
     from fused_optim.kernels._tables import block_size
-    from fused_optim.kernels._update import _advance_kernel, _no_scalars, _same_aux, _update_kernel
+    from fused_optim.kernels._update import _advance_kernel, _no_reduce, _no_scalars, _same_aux, _update_kernel
 
     dtypes = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16, "fp64": tl.float64}
     bytes_of = {"fp32": 4, "bf16": 2, "fp16": 2, "fp64": 8}
@@ -46,12 +46,13 @@ SCRIPT = textwrap.dedent(
         algo = ALGORITHMS[case["algo"]]
         dt, st = case["dtype"], case["state_dtype"]
         types = {"tensor_table": "*i64", "block_table": "*i64", "step_table": "*fp64", "grad_scale": "*fp32",
-                 "found_inf": "*fp32", "clip_coef": "*fp32", "master": "*fp32",
+                 "found_inf": "*fp32", "clip_coef": "*fp32", "master": "*fp32", "sum_table": "*fp32",
                  "states": tuple("*" + st for _ in algo.state_keys)}
         options = case["options"] + [False] * (3 - len(case["options"]))
         block = block_size(warps, min(bytes_of[dt], bytes_of[st], 4 if case["flags"]["MASTER"] else 8))
         constexprs = dict(
             case["flags"], MATH=algo.math, N_H=algo.n_hyper, N_K=algo.n_step, USES_FRESH=algo.uses_fresh,
+            REDUCE=algo.reduce or _no_reduce, N_SUMS=algo.n_sums, PHASE=case.get("phase", 2 if algo.n_sums else 0),
             LIVE=sum(1 << i for i, key in enumerate(algo.state_keys) if key in case["states"]),
             O0=options[0], O1=options[1], O2=options[2], P_DTYPE=dtypes[dt], S_DTYPE=dtypes[st],
             C_DTYPE=tl.float64 if dt == "fp64" else tl.float32, BLOCK=block, BLOCKS=case["blocks"],

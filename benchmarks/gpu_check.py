@@ -36,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("toolchain", "tests", "large", "bench", "summary")
 BUDGET = {"toolchain": 0.07, "tests": 0.42, "large": 0.1, "bench": 0.39, "summary": 0.02}  # shares of --budget
-WORKLOADS = ("sizes", "algorithms", "counts", "host", "features", "models")  # what most targets need first
+WORKLOADS = ("sizes", "algorithms", "counts", "host", "features", "models", "muon")  # what most targets need first
 DRY_TESTS = ["tests/test_launches.py", "-k", "capture or guard"]  # the suite itself runs in CI anyway
 DRY_WORKLOADS = ("algorithms", "host")  # the runner's every workload is smoke-tested in CI
 

@@ -5,13 +5,17 @@ torch's for-loop (``foreach=False``), foreach and fused implementations, ``torch
 ``opt.step`` (compile time reported separately), and a device-to-device copy of the same number
 of bytes as the ceiling. Bytes per step come from ``FusedOptimizer.bytes_per_step()``: every
 param, grad and state element read once, every param and state element written once, at their
-real element sizes. Without CUDA everything runs tiny through Triton's interpreter and torch on
-CPU, and the output says these are not performance figures.
+real element sizes; where an algorithm's kernels read an array more than once, what they move
+(Adafactor's passes over tiles; Muon's two launches, its Newton-Schulz matmuls not counted). The
+``muon`` workload times ``torch.optim.Muon``'s per-param loop against fused_optim's batched
+Newton-Schulz, and each one's Newton-Schulz share. Without CUDA everything runs tiny through
+Triton's interpreter and torch on CPU, and the output says these are not performance figures.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime
 import gc
@@ -34,7 +38,7 @@ from fused_optim.kernels import INTERPRETED
 from . import features, toolchain
 from .parity import parity_table
 from .timing import copy_gbps, device_time_ms, host_time_us, kernels_skipped
-from .workloads import ALGORITHMS, WORKLOAD_ALGORITHMS, Point, plan
+from .workloads import ALGORITHMS, MATRIX_ALGORITHMS, WORKLOAD_ALGORITHMS, Point, plan
 
 PROVIDERS = ("fused_optim", "torch for-loop", "torch foreach", "torch fused", "torch.compile")
 GRAPH = "fused_optim graph"  # host workload only: the step captured once in a CUDA graph, then replayed
@@ -46,7 +50,13 @@ HEADERS = {
     "models": "real model parameter lists",
     "algorithms": "every algorithm at one size",
     "features": "AdamW with a training feature on, against the torch recipe for the same",
+    "muon": "Muon on transformer matrices, torch's per-param loop against batched Newton-Schulz",
 }
+LEGENDS = {
+    "muon": "MB/step counts the element-wise launches, not Newton-Schulz's matmuls; NS ms: ms/step minus\n"
+    "  ms/step with Newton-Schulz skipped, the Newton-Schulz share of the step",
+}
+MUON_WORKLOADS = {"muon"}  # need torch.optim.Muon (torch >= 2.9)
 
 
 @dataclass
@@ -68,6 +78,7 @@ class Row:
     compile_s: float | None = None
     host_us: float | None = None
     host_us_new_grads: float | None = None
+    ns_ms: float | None = None  # muon: median_ms minus the median with Newton-Schulz skipped
     note: str = ""
 
 
@@ -88,9 +99,12 @@ def _step_fn(provider: str, name: str, params):
     if provider == GRAPH:
         return _graph_step(name, params), None
     torch_cls = getattr(torch.optim, name)
+    has_foreach = "foreach" in inspect.signature(torch_cls).parameters  # not Muon: a per-param loop only
     if provider == "torch for-loop":
-        return torch_cls(params, foreach=False, **kwargs).step, None
+        return torch_cls(params, **({"foreach": False} if has_foreach else {}), **kwargs).step, None
     if provider == "torch foreach":
+        if not has_foreach:
+            raise NotImplementedError(f"torch.optim.{name} has no foreach implementation")
         return torch_cls(params, foreach=True, **kwargs).step, None
     if provider == "torch fused":
         if name not in TORCH_FUSED:
@@ -132,6 +146,24 @@ def _graph_step(name: str, params):
     return graph.replay
 
 
+@contextlib.contextmanager
+def newton_schulz_skipped(provider: str):
+    """Muon's Newton-Schulz replaced by a no-op (the update applied as it is) in fused_optim's
+    step or in torch's: the step's time minus the time in here is its Newton-Schulz share."""
+    if provider == "fused_optim":
+        target, attr, skip = fused_optim.Muon, "_orthogonalize", lambda self, *args: None
+    else:
+        import torch.optim._muon as target
+
+        attr, skip = "_zeropower_via_newtonschulz", lambda update, *args: update
+    saved = getattr(target, attr)
+    setattr(target, attr, skip)
+    try:
+        yield
+    finally:
+        setattr(target, attr, saved)
+
+
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -149,7 +181,7 @@ def measure(point: Point, name: str, providers, device, dtype: str, compile_max_
     if recipe is not None:
         dtype = next(k for k, v in DTYPES.items() if v == recipe.dtype)
         providers = [p for p in features.PROVIDERS if p in providers]
-    params = _params(point.shapes, device, DTYPES[dtype])
+    params = _params(point.shapes_for(name), device, DTYPES[dtype])
     if recipe is not None:
         probe = fused_optim.AdamW(params, **features.ADAMW, **recipe.fused_kwargs)
         probe.step()
@@ -201,6 +233,9 @@ def measure(point: Point, name: str, providers, device, dtype: str, compile_max_
                 row.median_ms, row.p20_ms, row.p80_ms = device_time_ms(step, device)
                 row.gbps = n_bytes / (row.median_ms * 1e-3) / 1e9
                 row.pct_of_copy = 100 * row.gbps / ceiling
+                if point.workload in MUON_WORKLOADS and provider in ("fused_optim", "torch for-loop"):
+                    with newton_schulz_skipped(provider):
+                        row.ns_ms = row.median_ms - device_time_ms(step, device)[0]
         except Exception as err:  # a provider torch does not offer here: recorded, not fatal
             row.note = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
         rows.append(row)
@@ -246,7 +281,8 @@ def _print_rows(rows: list[Row]) -> None:
         by_case.setdefault((row.workload, row.point, row.algorithm), []).append(row)
     for (workload, point, algorithm), case in by_case.items():
         fused = next((r for r in case if r.provider == "fused_optim"), None)
-        head = f"  {algorithm:<15} {point:<28} {case[0].bytes_per_step / 1e6:10.1f} MB/step"
+        label = point + (" (as matrices)" if workload == "algorithms" and algorithm in MATRIX_ALGORITHMS else "")
+        head = f"  {algorithm:<15} {label:<40} {case[0].bytes_per_step / 1e6:10.1f} MB/step"
         if workload == "host":
             print(head)
             print(f"      {'provider':<18}{'same grads':>12}{'new grads':>12}")
@@ -258,7 +294,10 @@ def _print_rows(rows: list[Row]) -> None:
                 print(f"      {r.provider:<18}{r.host_us:9.1f} us{moved}")
             continue
         print(f"{head}   copy {case[0].copy_gbps:8.1f} GB/s")
-        print(f"      {'provider':<16}{'ms/step':>10}{'GB/s':>10}{'% copy':>9}{'fused speedup':>15}{'compile s':>11}")
+        ns = any(r.ns_ms is not None for r in case)
+        extra = f"{'NS ms':>10}" if ns else ""
+        columns = f"{'ms/step':>10}{extra}{'GB/s':>10}{'% copy':>9}{'fused speedup':>15}{'compile s':>11}"
+        print(f"      {'provider':<16}{columns}")
         for r in case:
             if r.median_ms is None:
                 print(f"      {r.provider:<16}  {r.note}")
@@ -266,7 +305,8 @@ def _print_rows(rows: list[Row]) -> None:
             note = f"  ({r.note})" if r.note else ""
             ratio = f"{r.median_ms / fused.median_ms:14.2f}x" if fused and fused.median_ms else ""
             comp = f"{r.compile_s:11.1f}" if r.compile_s is not None else ""
-            timing = f"{r.median_ms:10.4f}{r.gbps:10.1f}{r.pct_of_copy:8.1f}%"
+            share = (f"{r.ns_ms:10.4f}" if r.ns_ms is not None else f"{'-':>10}") if ns else ""
+            timing = f"{r.median_ms:10.4f}{share}{r.gbps:10.1f}{r.pct_of_copy:8.1f}%"
             print(f"      {r.provider:<16}{timing}{ratio:>15}{comp:>11}{note}")
 
 
@@ -341,8 +381,8 @@ def _x(row: Row, workload: str) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("--workloads", default="sizes,counts,models,algorithms,features,host",
-                        help="comma-separated subset of sizes,counts,models,algorithms,features,host")  # fmt: skip
+    parser.add_argument("--workloads", default="sizes,counts,models,algorithms,features,host,muon",
+                        help="comma-separated subset of sizes,counts,models,algorithms,features,host,muon")  # fmt: skip
     parser.add_argument("--algorithms", default=None, help="comma-separated filter, e.g. Adam,SGD")
     parser.add_argument("--quick", action="store_true", help="fewer and smaller points (CUDA)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
@@ -396,9 +436,14 @@ def main(argv=None) -> int:
             parity_table(device, 2**12, tensors=8, steps=4)
 
     points = plan(cuda, args.quick)
+    workloads = args.workloads.split(",")
+    if not hasattr(torch.optim, "Muon"):
+        for workload in MUON_WORKLOADS & set(workloads):
+            print(f"\n{workload}: skipped (torch.optim.Muon needs torch >= 2.9; this is torch {torch.__version__})")
+            points[workload] = []
     tasks = [
         (workload, point, algo)
-        for workload in args.workloads.split(",")
+        for workload in workloads
         for point in points[workload]
         for algo in WORKLOAD_ALGORITHMS[workload]
         if only is None or algo in only or (workload == "features" and "AdamW" in only)
@@ -406,7 +451,6 @@ def main(argv=None) -> int:
     rows: list[Row] = []
     from tqdm import tqdm
 
-    workloads = args.workloads.split(",")
     kept, runs = _earlier(out, name, workloads)
     runs.update(dict.fromkeys(workloads, meta))
     for _, point, algo in tqdm(tasks, desc="measuring", unit="case", file=sys.stderr, disable=None):
@@ -418,6 +462,8 @@ def main(argv=None) -> int:
         if mine:
             what = "host time of the step() call, device idle" if workload == "host" else HEADERS[workload]
             print(f"\n== {workload}, {args.dtype}: {what}")
+            if workload in LEGENDS:
+                print(f"  ({LEGENDS[workload]})")
             _print_rows(mine)
 
     every = kept + rows

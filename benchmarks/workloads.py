@@ -17,14 +17,19 @@ ALGORITHMS: dict[str, dict] = {
     "Adamax": {},
     "Rprop": {},
     "ASGD": {},
+    "Adafactor": {},  # on matrices (``matrices``): the factored second moment
+    "Muon": {},  # its own workload, on transformer matrices (torch >= 2.9)
 }
+# Algorithms whose tensors in the algorithms workload (and the parity table) are matrices of the
+# same sizes as the others' vectors: Adafactor factors the second moment of a matrix only.
+MATRIX_ALGORITHMS = {"Adafactor"}
 
 
 @dataclass
 class Point:
     """One measured configuration: a list of parameter shapes, labelled for tables and plots."""
 
-    workload: str  # "sizes", "counts", "models", "algorithms", "features", "host"
+    workload: str  # "sizes", "counts", "models", "algorithms", "features", "host", "muon"
     label: str
     shapes: list[tuple[int, ...]]
     x: int  # the swept quantity: total params (sizes), tensor count (counts), else total params
@@ -32,6 +37,10 @@ class Point:
     @property
     def n_params(self) -> int:
         return sum(_numel(s) for s in self.shapes)
+
+    def shapes_for(self, algorithm: str) -> list[tuple[int, ...]]:
+        """The shapes ``algorithm`` runs on: matrices of the same sizes for ``MATRIX_ALGORITHMS``."""
+        return matrices(self.shapes) if algorithm in MATRIX_ALGORITHMS else self.shapes
 
 
 def _numel(shape) -> int:
@@ -45,6 +54,17 @@ def split(total: int, tensors: int) -> list[tuple[int, ...]]:
     """``total`` elements over ``tensors`` 1-D tensors of (nearly) equal size."""
     base, extra = divmod(total, tensors)
     return [(base + (1 if i < extra else 0),) for i in range(tensors)]
+
+
+def matrices(shapes) -> list[tuple[int, ...]]:
+    """Each shape as a matrix of the same number of elements, as square as its divisors allow
+    (2^20: 1024 x 1024), every other one transposed (tall and wide both present)."""
+    out = []
+    for i, shape in enumerate(shapes):
+        n = _numel(shape)
+        rows = max((r for r in range(1, int(n**0.5) + 1) if n % r == 0), default=1)
+        out.append((rows, n // rows) if i % 2 == 0 else (n // rows, rows))
+    return out
 
 
 def size_sweep(exponents, tensors: int = 64) -> list[Point]:
@@ -73,6 +93,18 @@ def llama(n_layer=16, hidden=2048, intermediate=8192, kv_dim=512, vocab=128256) 
     return [*shapes, (hidden,)]
 
 
+def transformer_matrices(n_layer=12, n_embd=768) -> list[tuple[int, ...]]:
+    """The 2-D weights of a GPT-2-like block stack (Hugging Face's Conv1D layout, in x out), the
+    params Muon is meant for: per layer the qkv projection, the attention output, the MLP's up and
+    down projections (embeddings, biases and norms left out, as Muon users give those to AdamW)."""
+    return [(n_embd, 3 * n_embd), (n_embd, n_embd), (n_embd, 4 * n_embd), (4 * n_embd, n_embd)] * n_layer
+
+
+def _muon(n_layer: int, n_embd: int, label: str) -> Point:
+    shapes = transformer_matrices(n_layer, n_embd)
+    return Point("muon", f"{label}: {n_layer} x 4 matrices", shapes, sum(_numel(s) for s in shapes))
+
+
 def plan(cuda: bool, quick: bool) -> dict[str, list[Point]]:
     """The points of every workload: full sizes on CUDA, tiny ones through the CPU interpreter."""
     if cuda and not quick:
@@ -86,6 +118,7 @@ def plan(cuda: bool, quick: bool) -> dict[str, list[Point]]:
             "algorithms": [Point("algorithms", "2^26 params / 64 tensors", split(2**26, 64), 2**26)],
             "features": [Point("features", "2^26 params / 64 tensors", split(2**26, 64), 2**26)],
             "host": [Point("host", "1,000 tensors of 4,096", split(1000 * 4096, 1000), 1000)],
+            "muon": [_muon(12, 768, "GPT-2 small blocks (85M)")],
         }
     if cuda:  # quick
         return {
@@ -95,6 +128,7 @@ def plan(cuda: bool, quick: bool) -> dict[str, list[Point]]:
             "algorithms": [Point("algorithms", "2^22 params / 64 tensors", split(2**22, 64), 2**22)],
             "features": [Point("features", "2^22 params / 64 tensors", split(2**22, 64), 2**22)],
             "host": [Point("host", "1,000 tensors of 4,096", split(1000 * 4096, 1000), 1000)],
+            "muon": [_muon(4, 768, "GPT-2 small blocks (28M)")],
         }
     return {  # CPU: tiny, through the interpreter; not performance figures
         "sizes": size_sweep(range(8, 13, 2), tensors=4),
@@ -106,6 +140,7 @@ def plan(cuda: bool, quick: bool) -> dict[str, list[Point]]:
         "algorithms": [Point("algorithms", "2^12 params / 4 tensors", split(2**12, 4), 2**12)],
         "features": [Point("features", "2^12 params / 4 tensors", split(2**12, 4), 2**12)],
         "host": [Point("host", "1,000 tensors of 16", split(1000 * 16, 1000), 1000)],
+        "muon": [_muon(4, 16, "GPT-2-like blocks, tiny")],
     }
 
 
@@ -114,7 +149,8 @@ WORKLOAD_ALGORITHMS = {
     "sizes": ["Adam", "AdamW", "SGD"],
     "counts": ["Adam", "AdamW", "SGD"],
     "models": ["AdamW"],
-    "algorithms": list(ALGORITHMS),
+    "algorithms": [a for a in ALGORITHMS if a != "Muon"],  # Muon: 2-D params only, its own workload
     "features": ["AMP", "clip", "master bf16", "bf16 states", "stochastic bf16", "capturable"],  # AdamW recipes
     "host": ["Adam", "AdamW", "SGD"],
+    "muon": ["Muon"],  # torch's per-param loop against batched Newton-Schulz (torch >= 2.9)
 }

@@ -123,3 +123,23 @@ class Adafactor(FusedOptimizer):
         from torch.optim._adafactor import adafactor
 
         return adafactor
+
+    def bytes_per_step(self) -> int:
+        """Bytes the passes over the tiles (kernels/adafactor.py) move in one step: per element, the
+        grad read three times (sums, update norm, update), the param (or, with ``master_weights``,
+        its fp32 master copy) read twice (sums, update) and written once (with a master copy, the
+        param written too), a vector's ``variance`` read twice (update norm, update) and written
+        once. ``row_var`` and ``col_var`` count read once and written once, as in
+        ``FusedOptimizer.bytes_per_step``: they, and the reductions' scratch beside them, are a row
+        and a column per matrix, negligible next to the matrix. fp32: 24 bytes per element of a
+        matrix (and its factors'), 36 per element of a vector."""
+        total = super().bytes_per_step()  # each array read once, each written once
+        for cache in self._caches.values():
+            for seg in cache.segments.values():
+                n = int(seg.numels.sum())
+                total += 2 * n * seg.dtype.itemsize  # the grad, read twice more
+                param = seg.flat["master_param"].dtype if seg.master else seg.dtype
+                total += n * param.itemsize  # the param or its master copy, read once more
+                if "variance" in seg.flat:
+                    total += seg.key_numel("variance") * seg.flat["variance"].dtype.itemsize  # once more
+        return total

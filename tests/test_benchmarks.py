@@ -30,6 +30,10 @@ def test_runner_end_to_end_on_cpu(tmp_path):
     text = _run_module("benchmarks", "--algorithms", "AdamW", "--out", str(tmp_path))
     assert "NOT performance figures" in text
     assert "Parity after" in text and "AdamW" in text
+    for case in ("Rprop", "ASGD", "Adafactor weight_decay=0.01 (matrices)", "Adafactor beta2_decay"):
+        assert case in text, case
+    if hasattr(torch.optim, "Muon"):
+        assert "Muon lr=0.02" in text and "param err fused" in text
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["meta"]["performance_figures"] is False
     assert results["meta"]["command"].startswith("python -m benchmarks")
@@ -54,6 +58,73 @@ def test_runner_end_to_end_on_cpu(tmp_path):
             assert r["median_ms"] > 0 and r["gbps"] > 0, r
     for name in ("results.csv", "sizes.png", "counts.png"):
         assert (tmp_path / name).stat().st_size > 0, name
+
+
+def test_algorithms_workload_counts_what_each_algorithm_moves(tmp_path, capsys):
+    """The algorithms workload runs Rprop, ASGD and Adafactor (on matrices of the same sizes as the
+    others' vectors, for the factored path) against torch's for-loop and foreach, with the bytes
+    their kernels move; the muon workload times torch's per-param loop against batched
+    Newton-Schulz, and each one's Newton-Schulz share."""
+    from benchmarks.runner import main
+    from benchmarks.workloads import matrices, plan, transformer_matrices
+
+    muon = hasattr(torch.optim, "Muon")
+    names = "Rprop,ASGD,Adafactor" + (",Muon" if muon else "")
+    common = ["--no-parity", "--no-plots", "--out", str(tmp_path)]
+    assert main(["--workloads", "algorithms,muon", "--algorithms", names, *common]) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    point = plan(False, False)["algorithms"][0]
+    shapes = point.shapes_for("Adafactor")
+    assert shapes == matrices(point.shapes) and all(len(s) == 2 for s in shapes)
+    assert point.shapes_for("Rprop") == point.shapes == [(1024,)] * 4
+    factors = sum(8 * (r + c) for r, c in shapes)  # row_var and col_var, fp32, read and written once
+    per_param = {"Rprop": 28, "ASGD": 20, "Adafactor": 24}  # Adafactor: grad read 3x, param read 2x
+    for name, size in per_param.items():
+        mine = {r["provider"]: r for r in rows if r["workload"] == "algorithms" and r["algorithm"] == name}
+        extra = factors if name == "Adafactor" else 0
+        assert all(r["bytes_per_step"] == size * 4096 + extra and r["n_tensors"] == 4 for r in mine.values()), name
+        for provider in ("fused_optim", "torch for-loop", "torch foreach"):
+            assert mine[provider]["median_ms"] > 0, (name, provider)
+        assert "no fused implementation" in mine["torch fused"]["note"]
+    if not muon:
+        return
+    mine = {r["provider"]: r for r in rows if r["workload"] == "muon"}
+    n = sum(r * c for r, c in transformer_matrices(4, 16))
+    assert all(r["n_params"] == n == 12288 and r["n_tensors"] == 16 and r["algorithm"] == "Muon" for r in mine.values())
+    assert all(r["bytes_per_step"] == 36 * n for r in mine.values())  # the two launches; matmuls not counted
+    for provider in ("fused_optim", "torch for-loop"):
+        assert mine[provider]["median_ms"] > 0 and mine[provider]["ns_ms"] is not None, provider
+    assert "no foreach implementation" in mine["torch foreach"]["note"]
+    assert "NS ms" in capsys.readouterr().out
+
+
+def test_muon_workload_is_skipped_without_torch_muon(tmp_path, monkeypatch, capsys):
+    from benchmarks.runner import main
+
+    monkeypatch.delattr(torch.optim, "Muon", raising=False)
+    assert main(["--workloads", "muon", "--no-parity", "--no-plots", "--out", str(tmp_path)]) == 0
+    assert "muon: skipped (torch.optim.Muon needs torch >= 2.9" in capsys.readouterr().out
+    assert json.loads((tmp_path / "results.json").read_text())["rows"] == []
+
+
+def test_parity_of_adafactor_and_muon():
+    """Adafactor's factored and vector states, and Muon's buffers (fp32 ulps) and params (no
+    farther from a float64 Newton-Schulz than torch's), in the benchmarks' parity table."""
+    from benchmarks.parity import parity
+    from benchmarks.workloads import matrices, split
+
+    cpu = torch.device("cpu")
+    shapes = matrices(split(2048, 4))
+    factored = parity("Adafactor", {"weight_decay": 0.01}, shapes, cpu, steps=3)
+    assert {"param", "step", "row_var", "col_var"} <= factored.keys()
+    vectors = parity("Adafactor", {}, split(2048, 4), cpu, steps=3)
+    assert {"param", "step", "variance"} <= vectors.keys()
+    for worst in (factored, vectors):
+        assert all(v < 1e-5 for v in worst.values()), worst
+    if hasattr(torch.optim, "Muon"):
+        worst = parity("Muon", {"lr": 0.02}, shapes, cpu, steps=3)
+        assert worst["momentum_buffer"] < 1e-6 and worst["param"] < 1e-3, worst
+        assert worst["param err fused"] <= 1.5 * worst["param err torch"] + 1e-7, worst
 
 
 def test_demo_paths_are_torch_optims_paths(monkeypatch):

@@ -88,7 +88,7 @@ def _fake_cuda_tables(recorded):
 
     return types.SimpleNamespace(
         tensor_table=tensor("tensor_table"), block_table=tensor("block_table"), step_table=tensor("step_table"),
-        stream=_Stream("upload"), uploaded="upload event",
+        sums=tensor("sums"), stream=_Stream("upload"), uploaded="upload event",
     )  # fmt: skip
 
 
@@ -111,15 +111,17 @@ def test_device_guard_makes_the_tables_device_and_stream_current(monkeypatch):
     assert entered == [torch.device("cuda", 1)]  # current device 0, tables on cuda:1
     # another stream than the upload's: wait for the upload, mark every table as used by it
     assert current["stream"].waited == ["upload event"]
-    assert sorted(recorded) == [("block_table", "compute"), ("step_table", "compute"), ("tensor_table", "compute")]
+    assert sorted(recorded) == [
+        ("block_table", "compute"), ("step_table", "compute"), ("sums", "compute"), ("tensor_table", "compute")
+    ]  # fmt: skip
     assert tables.stream == current["stream"]
     with _tables.device_guard(tables):  # the same stream again: nothing more to do
         pass
-    assert current["stream"].waited == ["upload event"] and len(recorded) == 3
+    assert current["stream"].waited == ["upload event"] and len(recorded) == 4
     current["stream"], current["capturing"] = _Stream("graph"), True
     with _tables.device_guard(tables):  # inside a capture: no cross-stream wait, no marking
         pass
-    assert current["stream"].waited == [] and len(recorded) == 3
+    assert current["stream"].waited == [] and len(recorded) == 4
     current["device"] = 1
     with _tables.device_guard(tables):  # already the current device: no switch
         pass

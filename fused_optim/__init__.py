@@ -9,6 +9,7 @@ from .adagrad import Adagrad
 from .adam import Adam, AdamW
 from .adamax import Adamax
 from .asgd import ASGD
+from .lamb import LAMB, LARS
 from .nadam import NAdam
 from .radam import RAdam
 from .rmsprop import RMSprop
@@ -19,6 +20,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ASGD",
+    "LAMB",
+    "LARS",
     "SGD",
     "Adadelta",
     "Adafactor",

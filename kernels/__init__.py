@@ -13,6 +13,7 @@ from .adagrad import ADAGRAD
 from .adam import ADAM
 from .adamax import ADAMAX
 from .asgd import ASGD
+from .lamb import LAMB, LARS
 from .nadam import NADAM
 from .radam import RADAM
 from .rmsprop import RMSPROP
@@ -24,6 +25,8 @@ ALGORITHMS = {
     "adagrad": ADAGRAD,
     "adam": ADAM,
     "asgd": ASGD,
+    "lamb": LAMB,
+    "lars": LARS,
     "adamax": ADAMAX,
     "nadam": NADAM,
     "radam": RADAM,

@@ -164,6 +164,9 @@ CASES = [
     _case("rprop", "fp32", ["prev", "step_size"], 4, 3, registers=(32, 32), sqrt=False, div=False),
     _case("asgd", "fp32", ["ax"], 3, 2, registers=(32, 32), sqrt=False, div=False, flags=DEVICE),
     _case("rprop", "bf16", ["prev", "step_size"], 4, 3, registers=(36, 36), sqrt=False, div=False),
+    # the update pass of LAMB and LARS (after the pass that sums their per-tensor norms)
+    _case("lamb", "fp32", ADAM, 4, 3, registers=(40, 40)),
+    _case("lars", "fp32", ["momentum_buffer"], 3, 2, registers=(31, 31)),
     _case("adamax", "fp64", ["exp_avg", "exp_inf"], 4, 3, registers=(52, 47), sqrt=False, flags=DEVICE),
     # AMP (grad scale, inf skip), clipping, device step counts and a device lr: the same accesses
     _case(

@@ -290,3 +290,30 @@ def test_dtensor_params_take_the_same_steps(name, device):
                 assert torch.equal(p.full_tensor(), q.detach())
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_stochastic_rounding_and_bf16_states(name, device):
+    """bf16 params rounded stochastically stay within one bf16 spacing of the float64 step from the
+    same start, and not always on the nearest value; bf16 states hold the float64 moments to bf16
+    precision."""
+    init = [t.to(torch.bfloat16) for t in random_tensors(SHAPES, torch.float32, 0, device)]
+    params = leaves(init)
+    kwargs = CASES[name][2]
+    opt = getattr(fused_optim, name)(params, stochastic_rounding=True, state_dtype=torch.bfloat16, **kwargs)
+    ref = CASES[name][0](init, **kwargs)
+    grads = random_tensors(SHAPES, torch.bfloat16, 700, device)
+    for p, g in zip(params, grads):
+        p.grad = g
+    opt.step()
+    ref.step(grads)
+    away = 0
+    for i, (p, q) in enumerate(zip(params, ref.params)):
+        spacing = q.abs() * 2**-7 + 1e-30
+        assert ((p.double() - q).abs() <= spacing).all(), i
+        away += int((p != q.to(torch.bfloat16)).sum())
+        for key, value in ref.state[i].items():
+            if key != "step":
+                assert opt.state[p][key].dtype == torch.bfloat16
+                close(opt.state[p][key].double(), value, {"rtol": 2**-8, "atol": 1e-30}, f"{key} of param {i}")
+    assert away > 50

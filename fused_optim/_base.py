@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch.optim import Optimizer
 
+from . import _dtensor
 from ._checks import ChecksMixin, check_extensions, check_like_torch
 from ._fallback import FallbackMixin
 from ._features import FeaturesMixin, StepInputs
@@ -321,7 +322,31 @@ class FusedOptimizer(PlansMixin, FeaturesMixin, ChecksMixin, FallbackMixin, Opti
             self._algorithm, launch.tables, seg.flat, param_dtype=seg.dtype, lr=lr, hyper=hyper, options=options,
             step_scalars=scalars, weight_decay=weight_decay, decoupled=decoupled,
             maximize=bool(group.get("maximize", False)), features=features, num_warps=self._num_warps,
+            combine_sums=self._combine_sums(launch),
         )  # fmt: skip
+
+    def _combine_sums(self, launch: Launch):
+        """For per-tensor sums (LAMB's norms) of DTensor params: a function that adds up each sharded
+        param's sums over the ranks that shard it, so that they are the whole tensor's; None when
+        the launch holds no sharded param."""
+        classes = [launch.seg.norm_classes[i] for i in launch.rows.tolist()]
+        if not self._algorithm.n_sums or all(c is None for c in classes):
+            return None
+        if _dtensor.PARTIAL in classes:
+            raise NotImplementedError(f"fused_optim.{type(self).__name__}: params with Partial placements")
+
+        def combine(sums: torch.Tensor) -> None:
+            import torch.distributed as dist
+
+            for cls in dict.fromkeys(c for c in classes if c is not None):  # the same order on every rank
+                mesh, dims = cls
+                rows = torch.tensor([c == cls for c in classes], device=sums.device)[:, None]
+                part = sums * rows
+                for dim in dims:
+                    dist.all_reduce(part, group=mesh.get_group(dim))
+                sums.copy_(torch.where(rows, part, sums))
+
+        return combine
 
     def _host_step_scalars(self, group, launch: Launch, lr: float, weight_decay: float, decoupled: bool):
         """Advance the host scalar state of the launch's rows (torch: ``step += 1`` per param) and

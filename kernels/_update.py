@@ -258,11 +258,13 @@ def update_step(
     maximize: bool = False,
     features: Features,
     num_warps: int = 8,
+    combine_sums=None,
 ) -> None:
     """One step of ``algo`` over a segment. ``flat`` holds the present flat state buffers (keys of
     ``algo.state_keys``), ``hyper`` the hyperparameters ``math`` reads as ``h``, ``options`` its
     constexpr options; ``step_scalars`` is the tuple of step scalars for every tensor of the
-    launch or a per-tensor table (``step_table``, ``advance``)."""
+    launch or a per-tensor table (``step_table``, ``advance``). With per-tensor sums,
+    ``combine_sums(sums)`` may combine them between the two launches (across ranks)."""
     assert len(hyper) == algo.n_hyper, (algo, hyper)
     per_tensor = isinstance(step_scalars, torch.Tensor)
     tensors, flags = feature_args(features, tables.tensor_table)
@@ -307,6 +309,8 @@ def update_step(
     }
     for phase in (1, 2) if algo.n_sums else (0,):
         launch(_update_kernel, tables, args, {**constexprs, "PHASE": phase}, num_warps)
+        if phase == 1 and combine_sums is not None:
+            combine_sums(sums)
 
 
 def _sum_dtype(param_dtype: torch.dtype) -> torch.dtype:

@@ -25,7 +25,17 @@ def test_fsdp2_global_norm_clip_matches_torch():
 @needs_fsdp2
 @pytest.mark.skipif(not hasattr(d.torch.optim, "Muon"), reason="torch.optim.Muon needs torch >= 2.9")
 def test_fsdp2_muon_matches_torch_in_one_process():
-    d.run_ranks(d.fsdp2_muon, WORLD)
+    d.run_ranks(d.fsdp2_whole_tensors, WORLD, "Muon", {"lr": 0.02, "weight_decay": 0.1})
+
+
+@needs_fsdp2
+@pytest.mark.parametrize(
+    ("name", "kwargs"), [("LAMB", {"lr": 0.02, "weight_decay": 0.1}), ("LARS", {"lr": 0.5, "weight_decay": 0.01})]
+)
+def test_fsdp2_trust_ratios_use_whole_tensor_norms(name, kwargs):
+    """LAMB's and LARS's norms are the whole tensor's: each rank's shares are added up between
+    the two launches, so the sharded steps equal the one-process steps."""
+    d.run_ranks(d.fsdp2_whole_tensors, WORLD, name, kwargs)
 
 
 def test_ddp_every_algorithm_matches_torch():

@@ -14,6 +14,7 @@ from .nadam import NAdam
 from .radam import RAdam
 from .rmsprop import RMSprop
 from .rprop import Rprop
+from .schedulefree import ScheduleFreeAdamW
 from .sgd import SGD
 
 __version__ = "0.1.0"
@@ -34,6 +35,7 @@ __all__ = [
     "RAdam",
     "RMSprop",
     "Rprop",
+    "ScheduleFreeAdamW",
     "__version__",
 ]
 if hasattr(_torch.optim, "Muon"):  # torch >= 2.9

@@ -18,6 +18,7 @@ from .nadam import NADAM
 from .radam import RADAM
 from .rmsprop import RMSPROP
 from .rprop import RPROP
+from .schedulefree import SCHEDULEFREE_ADAMW, SCHEDULEFREE_SWITCH
 from .sgd import SGD
 
 ALGORITHMS = {
@@ -32,6 +33,8 @@ ALGORITHMS = {
     "radam": RADAM,
     "rmsprop": RMSPROP,
     "rprop": RPROP,
+    "schedulefree_adamw": SCHEDULEFREE_ADAMW,
+    "schedulefree_switch": SCHEDULEFREE_SWITCH,
     "sgd": SGD,
 }
 

@@ -57,8 +57,11 @@ SCRIPT = textwrap.dedent(
             O0=options[0], O1=options[1], O2=options[2], P_DTYPE=dtypes[dt], S_DTYPE=dtypes[st],
             C_DTYPE=tl.float64 if dt == "fp64" else tl.float32, BLOCK=block, BLOCKS=case["blocks"],
         )
+        constexprs["LIVE"] |= sum(1 << (16 + i) for i, key in enumerate(algo.state_keys) if key in algo.read_only)
         out[case["id"]] = report(compile_for(_update_kernel, types, constexprs, num_warps=warps))
     for name, algo in ALGORITHMS.items():  # device step counts: one small launch per segment
+        if algo.n_step and algo.device_scalars is None:
+            continue  # step scalars from the host only (Schedule-Free's per-group ones): never advanced on the device
         types = {"tensor_table": "*i64", "steps": "*fp32", "aux": ("*fp32",) * max(algo.n_aux, 1),
                  "step_table": "*fp64", "found_inf": "*fp32", "lr_ptr": "*fp32"}
         constexprs = dict(
@@ -116,6 +119,7 @@ def _case(algo, dtype, states, loads, stores, *, registers, options=(), label=""
 # Device step counts (capturable, AMP) make the update kernel read its step scalars per tensor
 # (PER_TENSOR_STEP), as host steps do when tensors of one launch are at different steps.
 DEVICE = {"PER_TENSOR_STEP": True}
+SF = {"WEIGHT_DECAY": False, "MAXIMIZE": False}  # Schedule-Free: no skeleton decay, no maximize
 CASES = [
     _case("adam", "fp32", ADAM, 4, 3, registers=(63, 39)),
     _case(
@@ -262,6 +266,23 @@ CASES = [
         state_dtype="bf16",
         flags={"DECOUPLED": True},
     ),
+    # Schedule-Free AdamW: decay in the math (at y), not by the skeleton; its train()/eval() switch reads
+    # the param (or the master copy) and z (read-only) and writes the param: no grad is read
+    _case("schedulefree_adamw", "fp32", ["z", "exp_avg_sq"], 4, 3, registers=(40, 40), options=[True], flags=SF),
+    _case(
+        "schedulefree_adamw",
+        "bf16",
+        ["z", "exp_avg_sq"],
+        4,
+        4,
+        registers=(74, 74),
+        options=[True],
+        label="-master",
+        state_dtype="fp32",
+        flags=SF,
+        features=dict(OFF, MASTER=True),
+    ),
+    _case("schedulefree_switch", "fp32", ["z"], 2, 1, registers=(26, 26), sqrt=False, div=False, flags=SF),
 ]
 ELEM_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp64": 8}
 
@@ -331,7 +352,9 @@ def test_stochastic_rounding_draws_one_philox_per_eight_elements(report):
     assert extra <= 700, extra
 
 
-@pytest.mark.parametrize("name", sorted(fused_optim.kernels.ALGORITHMS))
+@pytest.mark.parametrize(
+    "name", sorted(n for n, a in fused_optim.kernels.ALGORITHMS.items() if a.device_scalars or not a.n_step)
+)
 def test_advance_kernel_codegen_for_sm90(report, name):
     """Step scalars with float64 transcendentals are computed once per tensor and step, here."""
     r = report[f"advance-{name}"]

@@ -8,14 +8,17 @@ from .adafactor import Adafactor
 from .adagrad import Adagrad
 from .adam import Adam, AdamW
 from .adamax import Adamax
+from .ademamix import AdEMAMix
 from .asgd import ASGD
 from .lamb import LAMB, LARS
+from .lion import Lion
 from .nadam import NAdam
 from .radam import RAdam
 from .rmsprop import RMSprop
 from .rprop import Rprop
 from .schedulefree import ScheduleFreeAdamW
 from .sgd import SGD
+from .stableadamw import StableAdamW
 
 __version__ = "0.1.0"
 
@@ -24,6 +27,7 @@ __all__ = [
     "LAMB",
     "LARS",
     "SGD",
+    "AdEMAMix",
     "Adadelta",
     "Adafactor",
     "Adagrad",
@@ -31,11 +35,13 @@ __all__ = [
     "AdamW",
     "Adamax",
     "FusedOptimizer",
+    "Lion",
     "NAdam",
     "RAdam",
     "RMSprop",
     "Rprop",
     "ScheduleFreeAdamW",
+    "StableAdamW",
     "__version__",
 ]
 if hasattr(_torch.optim, "Muon"):  # torch >= 2.9

@@ -12,22 +12,28 @@ from .adadelta import ADADELTA
 from .adagrad import ADAGRAD
 from .adam import ADAM
 from .adamax import ADAMAX
+from .ademamix import ADEMAMIX, ADEMAMIX_WARMUP
 from .asgd import ASGD
 from .lamb import LAMB, LARS
+from .lion import LION
 from .nadam import NADAM
 from .radam import RADAM
 from .rmsprop import RMSPROP
 from .rprop import RPROP
 from .schedulefree import SCHEDULEFREE_ADAMW, SCHEDULEFREE_SWITCH
 from .sgd import SGD
+from .stableadamw import STABLEADAMW
 
 ALGORITHMS = {
     "adadelta": ADADELTA,
     "adagrad": ADAGRAD,
     "adam": ADAM,
+    "ademamix": ADEMAMIX,
+    "ademamix_warmup": ADEMAMIX_WARMUP,
     "asgd": ASGD,
     "lamb": LAMB,
     "lars": LARS,
+    "lion": LION,
     "adamax": ADAMAX,
     "nadam": NADAM,
     "radam": RADAM,
@@ -36,6 +42,7 @@ ALGORITHMS = {
     "schedulefree_adamw": SCHEDULEFREE_ADAMW,
     "schedulefree_switch": SCHEDULEFREE_SWITCH,
     "sgd": SGD,
+    "stableadamw": STABLEADAMW,
 }
 
 __all__ = ["ALGORITHMS", "INTERPRETED", "Algorithm", "advance", "step_table", "update_step"]

@@ -120,6 +120,7 @@ def _case(algo, dtype, states, loads, stores, *, registers, options=(), label=""
 # (PER_TENSOR_STEP), as host steps do when tensors of one launch are at different steps.
 DEVICE = {"PER_TENSOR_STEP": True}
 SF = {"WEIGHT_DECAY": False, "MAXIMIZE": False}  # Schedule-Free: no skeleton decay, no maximize
+SA = {"WEIGHT_DECAY": False, "MAXIMIZE": False}  # StableAdamW: decay with the clipped lr in the math, no maximize
 CASES = [
     _case("adam", "fp32", ADAM, 4, 3, registers=(63, 39)),
     _case(
@@ -171,6 +172,9 @@ CASES = [
     # the update pass of LAMB and LARS (after the pass that sums their per-tensor norms)
     _case("lamb", "fp32", ADAM, 4, 3, registers=(40, 40)),
     _case("lars", "fp32", ["momentum_buffer"], 3, 2, registers=(31, 31)),
+    # StableAdamW's update pass (after the pass that sums g^2 / v and the count): decay in the math
+    _case("stableadamw", "fp32", ADAM, 4, 3, registers=(39, 39), options=[True], flags=SA),
+    _case("stableadamw", "bf16", ADAM, 4, 3, registers=(61, 61), options=[True], flags=SA),
     _case("adamax", "fp64", ["exp_avg", "exp_inf"], 4, 3, registers=(52, 47), sqrt=False, flags=DEVICE),
     # AMP (grad scale, inf skip), clipping, device step counts and a device lr: the same accesses
     _case(
@@ -281,6 +285,31 @@ CASES = [
         state_dtype="fp32",
         flags=SF,
         features=dict(OFF, MASTER=True),
+    ),
+    # Lion: the sign of an fma, decay as a factor on the param; AdEMAMix: Adam with a slow moment (host step
+    # scalars), and its warm-up layout (device step counts: step scalars from the per-tensor table)
+    _case(
+        "lion",
+        "fp32",
+        ["exp_avg"],
+        3,
+        2,
+        registers=(28, 28),
+        sqrt=False,
+        div=False,
+        flags={"DECOUPLED": True, "MAXIMIZE": False},
+    ),
+    _case("ademamix", "fp32", ["exp_avg", "exp_avg_sq", "exp_avg_slow"], 5, 4, registers=(46, 46)),
+    _case(
+        "ademamix_warmup",
+        "fp32",
+        ["exp_avg", "exp_avg_sq", "exp_avg_slow"],
+        5,
+        4,
+        registers=(46, 46),
+        label="-amp-clip-capturable",
+        flags=dict(DEVICE, DECOUPLED=True),
+        features=AMP_CLIP,
     ),
     _case("schedulefree_switch", "fp32", ["z"], 2, 1, registers=(26, 26), sqrt=False, div=False, flags=SF),
 ]

@@ -1,4 +1,7 @@
-"""Parity section of the benchmarks: fused_optim against torch.optim.X(foreach=False).
+"""Parity section of the benchmarks: fused_optim against torch.optim.X(foreach=False), and the
+optimizers beyond torch.optim against their reference's for-loop (``benchmarks/baselines.py``:
+lion_pytorch, pytorch_optimizer, optimi, schedulefree; LAMB and LARS, which no installed package
+has, against the benchmarks' eager implementation of their formulas run in float64).
 
 Both optimizers take the same random grads for a few steps; the table shows, for the params and
 every state key, the largest difference relative to the tensor's magnitude
@@ -18,6 +21,7 @@ import torch
 
 import fused_optim
 
+from . import baselines
 from .workloads import matrices, split
 
 # (algorithm, arguments, the shapes: "vectors" or "matrices" of the same sizes)
@@ -37,7 +41,15 @@ CASES = [
     ("Adafactor", {"weight_decay": 0.01}, "matrices"),  # factored: row_var, col_var
     ("Adafactor", {"beta2_decay": -0.5}, "vectors"),  # variance
     ("Muon", {"lr": 0.02, "adjust_lr_fn": "match_rms_adamw"}, "matrices"),  # torch >= 2.9
+    # beyond torch.optim: against the reference's for-loop (LAMB, LARS: their formulas in float64)
+    ("LAMB", {"lr": 1e-2, "weight_decay": 0.1}, "vectors"),
+    ("LARS", {"lr": 0.1, "weight_decay": 0.01}, "vectors"),
+    ("Lion", {"lr": 1e-3, "weight_decay": 0.1}, "vectors"),
+    ("AdEMAMix", {"weight_decay": 0.01, "weight_decouple": True, "t_alpha_beta3": 5}, "vectors"),
+    ("StableAdamW", {"lr": 1e-2}, "vectors"),
+    ("ScheduleFreeAdamW", {"lr": 1e-2, "warmup_steps": 2, "weight_decay": 0.01}, "vectors"),
 ]
+FLOAT64 = {"LAMB", "LARS"}  # no package: the yardstick is their formulas (baselines.EagerLAMB/EagerLARS) in float64
 
 
 def _params(shapes, device, seed=0):
@@ -80,18 +92,25 @@ class _ExactMuon:
 
 
 def parity(name: str, kwargs: dict, shapes, device, steps: int) -> dict[str, float]:
-    """Largest difference to torch.optim.<name>(foreach=False) relative to the tensor's magnitude
-    (Muon: also each side's distance to a float64 Newton-Schulz, ``param err``)."""
+    """Largest difference to torch.optim.<name>(foreach=False), or to the for-loop of the reference
+    of an optimizer beyond torch.optim, relative to the tensor's magnitude (Muon: also each side's
+    distance to a float64 Newton-Schulz, ``param err``). Raises ``NotImplementedError`` where the
+    reference package is not installed."""
     ours, theirs = _params(shapes, device), _params(shapes, device)
-    opt = getattr(fused_optim, name)(ours, **kwargs)
-    torch_cls = getattr(torch.optim, name)
-    ref = torch_cls(theirs, foreach=False, **kwargs) if name != "Muon" else torch_cls(theirs, **kwargs)
+    opt = baselines.ready(name, getattr(fused_optim, name)(ours, **kwargs))
+    if name in baselines.REFERENCES:
+        if name in FLOAT64:
+            theirs = [q.detach().double().requires_grad_() for q in theirs]
+        ref = baselines.build(name, theirs, kwargs, baselines.for_loop(name))
+    else:
+        torch_cls = getattr(torch.optim, name)
+        ref = torch_cls(theirs, foreach=False, **kwargs) if name != "Muon" else torch_cls(theirs, **kwargs)
     exact = _ExactMuon(theirs, ref) if name == "Muon" else None
     gen = torch.Generator().manual_seed(1)
     for _ in range(steps):
         for p, q in zip(ours, theirs):
             g = torch.randn(p.shape, generator=gen).to(device)
-            p.grad, q.grad = g.clone(), g
+            p.grad, q.grad = g.clone(), g.to(q.dtype)
         opt.step()
         ref.step()
         if exact is not None:
@@ -107,7 +126,8 @@ def parity(name: str, kwargs: dict, shapes, device, steps: int) -> dict[str, flo
     for p, q in zip(ours, theirs):
         record("param", p, q)
         for key, value in ref.state[q].items():
-            record(key, opt.state[p][key], value)
+            if isinstance(value, torch.Tensor):  # not optimi's kahan_comp (None)
+                record(key, opt.state[p][key], value)
     if exact is not None:
         for p, q, e in zip(ours, theirs, exact.params):
             record("param err fused", p, e)
@@ -115,19 +135,28 @@ def parity(name: str, kwargs: dict, shapes, device, steps: int) -> dict[str, flo
     return worst
 
 
+def _label(name: str, kwargs: dict, kind: str) -> str:
+    label = name + " " + ", ".join(f"{k}={v}" for k, v in kwargs.items())
+    return label + " (matrices)" if kind == "matrices" else label
+
+
 def parity_table(device, total: int, tensors: int = 64, steps: int = 10) -> None:
     print(f"Parity after {steps} steps, fp32, {tensors} tensors, {total:,} params")
-    print("largest difference to torch.optim.X(foreach=False), relative to each tensor's magnitude")
+    print("largest difference to torch.optim.X(foreach=False), relative to each tensor's magnitude; beyond")
+    print("torch.optim, to the reference's for-loop (LAMB, LARS: to their formulas in float64)")
     vectors = split(total, tensors)
-    for name, kwargs, kind in CASES:
-        label = name + " " + ", ".join(f"{k}={v}" for k, v in kwargs.items())
-        if kind == "matrices":
-            label += " (matrices)"
-        if not hasattr(torch.optim, name) or not hasattr(fused_optim, name):
-            print(f"  {label:<58}skipped: torch {torch.__version__} has no torch.optim.{name}")
+    labels = [_label(name, kwargs, kind) for name, kwargs, kind in CASES]
+    width = max(58, *(len(label) + 2 for label in labels))
+    for (name, kwargs, kind), label in zip(CASES, labels):
+        if name not in baselines.REFERENCES and (not hasattr(torch.optim, name) or not hasattr(fused_optim, name)):
+            print(f"  {label:<{width}}skipped: torch {torch.__version__} has no torch.optim.{name}")
             continue
-        worst = parity(name, kwargs, matrices(vectors) if kind == "matrices" else vectors, device, steps)
-        print(f"  {label:<58}" + "  ".join(f"{k} {v:.1e}" for k, v in worst.items()))
+        try:
+            worst = parity(name, kwargs, matrices(vectors) if kind == "matrices" else vectors, device, steps)
+        except NotImplementedError as err:  # a reference package not installed
+            print(f"  {label:<{width}}skipped: {err}")
+            continue
+        print(f"  {label:<{width}}" + "  ".join(f"{k} {v:.1e}" for k, v in worst.items()))
     if any(name == "Muon" for name, _, _ in CASES) and hasattr(torch.optim, "Muon"):
         print("  (Muon: torch.optim.Muon, which has no foreach option; bf16 Newton-Schulz, batched in fused_optim,")
         print("  per matrix in torch: on a GPU the params may differ by bf16 rounding; param err: each side's")

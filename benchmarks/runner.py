@@ -3,10 +3,13 @@
 Every point runs fused_optim next to what users would otherwise pick, in the same process:
 torch's for-loop (``foreach=False``), foreach and fused implementations, ``torch.compile``d
 ``opt.step`` (compile time reported separately), and a device-to-device copy of the same number
-of bytes as the ceiling. Bytes per step come from ``FusedOptimizer.bytes_per_step()``: every
-param, grad and state element read once, every param and state element written once, at their
-real element sizes; where an algorithm's kernels read an array more than once, what they move
-(Adafactor's passes over tiles; Muon's two launches, its Newton-Schulz matmuls not counted). The
+of bytes as the ceiling. The optimizers beyond torch.optim (LAMB, LARS, Lion, AdEMAMix,
+StableAdamW, ScheduleFreeAdamW) run next to their reference implementations instead, in every
+variant each offers, and ``torch.compile`` of one (``benchmarks/baselines.py``). Bytes per step
+come from ``FusedOptimizer.bytes_per_step()``: every param, grad and state element read once,
+every param and state element written once, at their real element sizes; where an algorithm's
+kernels read an array more than once, what they move (Adafactor's passes over tiles; Muon's two
+launches, its Newton-Schulz matmuls not counted; the sums pass of LAMB, LARS and StableAdamW). The
 ``muon`` workload times ``torch.optim.Muon``'s per-param loop against fused_optim's batched
 Newton-Schulz, and each one's Newton-Schulz share. Without CUDA everything runs tiny through
 Triton's interpreter and torch on CPU, and the output says these are not performance figures.
@@ -35,7 +38,7 @@ import triton
 import fused_optim
 from fused_optim.kernels import INTERPRETED
 
-from . import features, toolchain
+from . import baselines, features, toolchain
 from .parity import parity_table
 from .timing import copy_gbps, device_time_ms, host_time_us, kernels_skipped
 from .workloads import ALGORITHMS, MATRIX_ALGORITHMS, WORKLOAD_ALGORITHMS, Point, plan
@@ -94,10 +97,22 @@ def _step_fn(provider: str, name: str, params):
     """(step callable, compile seconds or None), or raise when torch has no such implementation."""
     kwargs = ALGORITHMS[name]
     if provider == "fused_optim":
-        opt = getattr(fused_optim, name)(params, **kwargs)
+        opt = baselines.ready(name, getattr(fused_optim, name)(params, **kwargs))
         return opt.step, None
     if provider == GRAPH:
         return _graph_step(name, params), None
+    if name in baselines.REFERENCES:  # beyond torch.optim: its reference implementation's variants
+        if provider != "torch.compile":
+            return baselines.build(name, params, kwargs, provider).step, None
+        step = baselines.compiled(name, params, kwargs)
+        compile_s = _first_call(step, params)
+        step()  # the state made: a second compile may follow, as for torch.optim's classes
+        guard = baselines.recompiles(step)
+        if guard is not None:
+            raise NotImplementedError(
+                f"of {baselines.compiled_label(name)}: not timed, compiled again at its third step ({guard})"
+            )
+        return step, compile_s
     torch_cls = getattr(torch.optim, name)
     has_foreach = "foreach" in inspect.signature(torch_cls).parameters  # not Muon: a per-param loop only
     if provider == "torch for-loop":
@@ -116,10 +131,15 @@ def _step_fn(provider: str, name: str, params):
     def compiled_step():
         opt.step()
 
+    return compiled_step, _first_call(compiled_step, params)
+
+
+def _first_call(step, params) -> float:
+    """Seconds the first call of a compiled step takes (the compile, mostly)."""
     start = time.perf_counter()
-    compiled_step()
+    step()
     _sync(params[0].device)
-    return compiled_step, time.perf_counter() - start
+    return time.perf_counter() - start
 
 
 def _graph_step(name: str, params):
@@ -132,7 +152,7 @@ def _graph_step(name: str, params):
     kwargs = dict(ALGORITHMS[name])
     if "capturable" in inspect.signature(cls).parameters:
         kwargs["capturable"] = True
-    opt = cls(params, **kwargs)
+    opt = baselines.ready(name, cls(params, **kwargs))
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up: layout, tables and compilation happen outside the capture
@@ -171,8 +191,8 @@ def _sync(device):
 
 def _release():
     torch._dynamo.reset()  # compiled steps keep their optimizer (and its state) alive otherwise
-    gc.collect()
-    if torch.cuda.is_available():
+    if torch.cuda.is_available():  # on CPU the sizes are tiny: a collection (~0.2 s) per provider buys nothing
+        gc.collect()
         torch.cuda.empty_cache()
 
 
@@ -187,7 +207,7 @@ def measure(point: Point, name: str, providers, device, dtype: str, compile_max_
         probe.step()
         n_bytes = features.bytes_per_step(name, probe)
     else:
-        probe = getattr(fused_optim, name)(params, **ALGORITHMS[name])
+        probe = baselines.ready(name, getattr(fused_optim, name)(params, **ALGORITHMS[name]))
         # the probe only lays out state; on CPU the interpreter would run 1,000 tiny programs for the host point
         with kernels_skipped() if point.workload == "host" and device.type == "cpu" else _nothing():
             probe.step()
@@ -208,6 +228,9 @@ def measure(point: Point, name: str, providers, device, dtype: str, compile_max_
     rows = []
     if point.workload == "host":
         providers = [*providers, GRAPH]
+    elif name in baselines.REFERENCES:  # its reference's variants take the torch.optim providers' places
+        ours, compiled = [p for p in providers if p == "fused_optim"], [p for p in providers if p == "torch.compile"]
+        providers = [*ours, *baselines.providers(name), *compiled]
     for provider in providers:
         row = Row(provider=provider, **base)
         try:
@@ -219,6 +242,8 @@ def measure(point: Point, name: str, providers, device, dtype: str, compile_max_
                 rows.append(row)
                 continue
             else:
+                if provider == "torch.compile" and name in baselines.REFERENCES:
+                    row.note = f"of {baselines.compiled_label(name)}"
                 step, row.compile_s = _step_fn(provider, name, params)
             if point.workload == "host":
                 skip = kernels_skipped() if provider == "fused_optim" and device.type == "cpu" else _nothing()
@@ -282,7 +307,7 @@ def _print_rows(rows: list[Row]) -> None:
     for (workload, point, algorithm), case in by_case.items():
         fused = next((r for r in case if r.provider == "fused_optim"), None)
         label = point + (" (as matrices)" if workload == "algorithms" and algorithm in MATRIX_ALGORITHMS else "")
-        head = f"  {algorithm:<15} {label:<40} {case[0].bytes_per_step / 1e6:10.1f} MB/step"
+        head = f"  {algorithm:<17} {label:<40} {case[0].bytes_per_step / 1e6:10.1f} MB/step"
         if workload == "host":
             print(head)
             print(f"      {'provider':<18}{'same grads':>12}{'new grads':>12}")
@@ -297,17 +322,18 @@ def _print_rows(rows: list[Row]) -> None:
         ns = any(r.ns_ms is not None for r in case)
         extra = f"{'NS ms':>10}" if ns else ""
         columns = f"{'ms/step':>10}{extra}{'GB/s':>10}{'% copy':>9}{'fused speedup':>15}{'compile s':>11}"
-        print(f"      {'provider':<16}{columns}")
+        width = max(16, *(len(r.provider) + 1 for r in case))  # reference labels name their package
+        print(f"      {'provider':<{width}}{columns}")
         for r in case:
             if r.median_ms is None:
-                print(f"      {r.provider:<16}  {r.note}")
+                print(f"      {r.provider:<{width}}  {r.note}")
                 continue
             note = f"  ({r.note})" if r.note else ""
             ratio = f"{r.median_ms / fused.median_ms:14.2f}x" if fused and fused.median_ms else ""
             comp = f"{r.compile_s:11.1f}" if r.compile_s is not None else ""
             share = (f"{r.ns_ms:10.4f}" if r.ns_ms is not None else f"{'-':>10}") if ns else ""
             timing = f"{r.median_ms:10.4f}{share}{r.gbps:10.1f}{r.pct_of_copy:8.1f}%"
-            print(f"      {r.provider:<16}{timing}{ratio:>15}{comp:>11}{note}")
+            print(f"      {r.provider:<{width}}{timing}{ratio:>15}{comp:>11}{note}")
 
 
 def _plot(rows: list[Row], workload: str, title: str, path: Path) -> None:

@@ -19,6 +19,13 @@ ALGORITHMS: dict[str, dict] = {
     "ASGD": {},
     "Adafactor": {},  # on matrices (``matrices``): the factored second moment
     "Muon": {},  # its own workload, on transformer matrices (torch >= 2.9)
+    # beyond torch.optim: timed against their reference implementations (benchmarks/baselines.py)
+    "LAMB": {"lr": 1e-3, "weight_decay": 0.01},
+    "LARS": {"lr": 1e-2, "momentum": 0.9, "weight_decay": 1e-4},
+    "Lion": {"lr": 1e-4, "weight_decay": 0.1},
+    "AdEMAMix": {"lr": 1e-3, "weight_decay": 0.01, "weight_decouple": True},
+    "StableAdamW": {"lr": 1e-3, "weight_decay": 0.01},
+    "ScheduleFreeAdamW": {"lr": 2.5e-3, "weight_decay": 0.01},
 }
 # Algorithms whose tensors in the algorithms workload (and the parity table) are matrices of the
 # same sizes as the others' vectors: Adafactor factors the second moment of a matrix only.

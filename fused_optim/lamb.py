@@ -25,6 +25,21 @@ def _check_lr(lr) -> None:
     _check("learning rate", as_float(lr), as_float(lr) >= 0.0, "must be >= 0")
 
 
+def _sums_pass_bytes(optimizer: FusedOptimizer, states: tuple[str, ...]) -> int:
+    """Bytes the first launch (the per-tensor sums) reads, nothing written but the sums: the param
+    (or, with ``master_weights``, its fp32 master copy), the grad and ``states``; the compiler drops
+    its loads of the other states (the sm_90 PTX of that launch, fp32, Triton 3.9: 128-bit loads of
+    4 arrays for LAMB, of 2 for LARS)."""
+    total = 0
+    for cache in optimizer._caches.values():
+        for seg in cache.segments.values():
+            n = int(seg.numels.sum())
+            param = seg.flat["master_param"].dtype if seg.master else seg.dtype
+            total += n * (param.itemsize + seg.dtype.itemsize)
+            total += sum(seg.key_numel(k) * seg.flat[k].dtype.itemsize for k in states if k in seg.flat)
+    return total
+
+
 class LAMB(FusedOptimizer):
     r"""LAMB (You et al., 2019), as timm's ``Lamb`` with ``always_adapt=True``, in two Triton
     launches per parameter segment (the per-tensor norms, then the update).
@@ -75,6 +90,12 @@ class LAMB(FusedOptimizer):
         beta1, beta2 = (as_float(b) for b in group["betas"])
         return 1.0 - beta1**step, (1.0 - beta2**step) ** 0.5  # bias_correction1, sqrt(bias_correction2)
 
+    def bytes_per_step(self) -> int:
+        """As ``FusedOptimizer.bytes_per_step`` for the update launch, plus the sums launch, which
+        reads the param, the grad, ``exp_avg`` and ``exp_avg_sq`` (the update and its norm need the
+        new moments): 44 bytes per element for fp32 params (28 + 16)."""
+        return super().bytes_per_step() + _sums_pass_bytes(self, ("exp_avg", "exp_avg_sq"))
+
 
 class LARS(FusedOptimizer):
     r"""LARS (You et al., 2017) with momentum, in two Triton launches per parameter segment (the
@@ -121,3 +142,8 @@ class LARS(FusedOptimizer):
     def _hyper(self, group) -> tuple[float, ...]:
         keys = ("momentum", "weight_decay", "trust_coefficient", "eps")
         return tuple(as_float(group[k]) for k in keys)
+
+    def bytes_per_step(self) -> int:
+        """As ``FusedOptimizer.bytes_per_step`` for the update launch, plus the sums launch, which
+        reads the param and the grad (their norms): 28 bytes per element for fp32 params (20 + 8)."""
+        return super().bytes_per_step() + _sums_pass_bytes(self, ())

@@ -30,8 +30,11 @@ def test_runner_end_to_end_on_cpu(tmp_path):
     text = _run_module("benchmarks", "--algorithms", "AdamW", "--out", str(tmp_path))
     assert "NOT performance figures" in text
     assert "Parity after" in text and "AdamW" in text
-    for case in ("Rprop", "ASGD", "Adafactor weight_decay=0.01 (matrices)", "Adafactor beta2_decay"):
+    for case in ("Rprop", "ASGD", "Adafactor weight_decay=0.01 (matrices)", "Adafactor beta2_decay", "LAMB lr=0.01"):
         assert case in text, case
+    for name in ("LARS", "Lion", "AdEMAMix", "StableAdamW", "ScheduleFreeAdamW"):  # against their references
+        line = next(line for line in text.splitlines() if line.strip().startswith(name + " "))
+        assert "param " in line and "skipped" not in line, line
     if hasattr(torch.optim, "Muon"):
         assert "Muon lr=0.02" in text and "param err fused" in text
     results = json.loads((tmp_path / "results.json").read_text())
@@ -60,16 +63,24 @@ def test_runner_end_to_end_on_cpu(tmp_path):
         assert (tmp_path / name).stat().st_size > 0, name
 
 
+# bytes per param and step of the optimizers beyond torch.optim (fp32): each array read once and
+# written once, plus the sums launch of LAMB (param, grad and both moments read again), LARS (param
+# and grad) and StableAdamW (grad and exp_avg_sq)
+BEYOND = {"LAMB": 44, "LARS": 28, "Lion": 20, "AdEMAMix": 36, "StableAdamW": 36, "ScheduleFreeAdamW": 28}
+
+
 def test_algorithms_workload_counts_what_each_algorithm_moves(tmp_path, capsys):
     """The algorithms workload runs Rprop, ASGD and Adafactor (on matrices of the same sizes as the
-    others' vectors, for the factored path) against torch's for-loop and foreach, with the bytes
-    their kernels move; the muon workload times torch's per-param loop against batched
-    Newton-Schulz, and each one's Newton-Schulz share."""
+    others' vectors, for the factored path) against torch's for-loop and foreach, and the optimizers
+    beyond torch.optim against every variant of their reference, with the bytes their kernels move;
+    the muon workload times torch's per-param loop against batched Newton-Schulz, and each one's
+    Newton-Schulz share."""
+    from benchmarks import baselines
     from benchmarks.runner import main
     from benchmarks.workloads import matrices, plan, transformer_matrices
 
     muon = hasattr(torch.optim, "Muon")
-    names = "Rprop,ASGD,Adafactor" + (",Muon" if muon else "")
+    names = ",".join(["Rprop", "ASGD", "Adafactor", *BEYOND, *(["Muon"] if muon else [])])
     common = ["--no-parity", "--no-plots", "--out", str(tmp_path)]
     assert main(["--workloads", "algorithms,muon", "--algorithms", names, *common]) == 0
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
@@ -86,6 +97,15 @@ def test_algorithms_workload_counts_what_each_algorithm_moves(tmp_path, capsys):
         for provider in ("fused_optim", "torch for-loop", "torch foreach"):
             assert mine[provider]["median_ms"] > 0, (name, provider)
         assert "no fused implementation" in mine["torch fused"]["note"]
+    for name, size in BEYOND.items():  # against their references, in the same run
+        mine = {r["provider"]: r for r in rows if r["workload"] == "algorithms" and r["algorithm"] == name}
+        assert list(mine) == ["fused_optim", *baselines.providers(name)], name
+        assert all(r["bytes_per_step"] == size * 4096 for r in mine.values()), name
+        for provider, r in mine.items():
+            if provider.endswith("triton"):  # lion_pytorch's and optimi's Triton paths
+                assert r["median_ms"] is None and "runs on CUDA only" in r["note"], r
+            else:
+                assert r["median_ms"] > 0 and r["note"] == "", r
     if not muon:
         return
     mine = {r["provider"]: r for r in rows if r["workload"] == "muon"}
@@ -125,6 +145,67 @@ def test_parity_of_adafactor_and_muon():
         worst = parity("Muon", {"lr": 0.02}, shapes, cpu, steps=3)
         assert worst["momentum_buffer"] < 1e-6 and worst["param"] < 1e-3, worst
         assert worst["param err fused"] <= 1.5 * worst["param err torch"] + 1e-7, worst
+
+
+def test_parity_of_the_optimizers_beyond_torch_optim():
+    """Each against its reference's for-loop on identical grads, within the fp32 run tolerance of
+    their tests (rtol 1e-5); LAMB and LARS against the benchmarks' eager formulas in float64, which
+    are tests/test_lamb.py's float64 references' formulas (checked here too)."""
+    from test_lamb import Lamb64, Lars64
+
+    from benchmarks.baselines import REFERENCES, EagerLAMB, EagerLARS
+    from benchmarks.parity import CASES, parity
+    from benchmarks.workloads import split
+
+    cpu = torch.device("cpu")
+    beyond = [(name, kwargs) for name, kwargs, _ in CASES if name in REFERENCES]
+    assert [name for name, _ in beyond] == list(BEYOND)
+    for name, kwargs in beyond:
+        worst = parity(name, kwargs, split(2048, 4), cpu, steps=3)
+        assert "param" in worst and all(v < 1e-5 for v in worst.values()), (name, worst)
+    gen = torch.Generator().manual_seed(0)
+    init = [torch.randn(s, generator=gen, dtype=torch.float64) for s in ((7, 13), (40,), ())]
+    for eager, exact, kwargs in (
+        (EagerLAMB, Lamb64, {"lr": 0.02, "betas": (0.8, 0.99), "eps": 1e-4, "weight_decay": 0.1}),
+        (EagerLARS, Lars64, {"lr": 0.3, "momentum": 0.5, "weight_decay": 0.01, "trust_coefficient": 0.02}),
+    ):
+        params, yardstick = [p.clone().requires_grad_() for p in init], exact(init, **kwargs)
+        opt = eager(params, **kwargs)
+        for _ in range(4):
+            grads = [torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in params]
+            for p, g in zip(params, grads):
+                p.grad = g
+            opt.step()
+            yardstick.step(grads)
+        for p, q in zip(params, yardstick.params):
+            torch.testing.assert_close(p.detach(), q, rtol=1e-13, atol=1e-14)
+
+
+def test_torch_compile_of_references_is_timed_or_says_why(monkeypatch):
+    """torch.compile of a reference's step (CUDA only by default) is timed when its third call runs
+    without compiling again (the eager LAMB, whose step count is a tensor; Lion; AdEMAMix through
+    pytorch_optimizer's own compiled update), and refused, with the failing guard, where a number
+    kept in the param groups (schedulefree's ``weight_sum``) makes every step compile again. The
+    ``aot_eager`` backend: the guards inductor's graphs get (floats specialized), without its code
+    generation."""
+    from benchmarks import runner
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda *args, **kwargs: compile_(*args, **{**kwargs, "backend": "aot_eager"}))
+    cpu = torch.device("cpu")
+    try:
+        params = runner._params([(64,)], cpu, torch.float32)
+        with pytest.raises(NotImplementedError, match=r"schedulefree foreach: not timed, compiled again at its third"):
+            runner._step_fn("torch.compile", "ScheduleFreeAdamW", params)
+        for name in ("LAMB", "Lion", "AdEMAMix"):
+            step, compile_s = runner._step_fn(
+                "torch.compile", name, runner._params([(64,), (3, 5)], cpu, torch.float32)
+            )
+            assert compile_s > 0
+            with torch.compiler.set_stance("fail_on_recompile"):
+                step()
+    finally:
+        runner._release()
 
 
 def test_demo_paths_are_torch_optims_paths(monkeypatch):

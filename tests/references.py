@@ -91,6 +91,24 @@ def side_by_side(
     return opt, ref, params, ref_params
 
 
+def grad_scaler_side_by_side(opt, ref, params, ref_params, shapes, device, check, steps: int = 6) -> None:
+    """Both optimizers stepped through their own ``GradScaler`` on the same scaled losses, with an
+    inf (step 2) and a NaN (step 5) in one grad: the scales must agree, and ``check(where)`` runs
+    after every step."""
+    scalers = [torch.amp.GradScaler(device.type, init_scale=2.0**12, growth_interval=3) for _ in range(2)]
+    for step in range(steps):
+        weights = random_tensors(shapes, torch.float32, 50 + step, device)
+        if step in (1, 4):
+            weights[1 if len(weights) > 1 else 0].view(-1)[7] = float("inf") if step == 1 else float("nan")
+        for o, ps, scaler in ((opt, params, scalers[0]), (ref, ref_params, scalers[1])):
+            scaler.scale(sum((p * w).sum() for p, w in zip(ps, weights))).backward()
+            scaler.step(o)
+            scaler.update()
+            o.zero_grad()
+        assert scalers[0].get_scale() == scalers[1].get_scale()
+        check(f"after step {step + 1}")
+
+
 @contextlib.contextmanager
 def correctly_rounded_sqrt():
     """``Tensor.sqrt`` correctly rounded (through float64) while it lasts. torch's CPU sqrt may be

@@ -16,6 +16,7 @@ from references import (
     RUN,
     bf16_neighbours,
     compare,
+    grad_scaler_side_by_side,
     one_rank_mesh,
     side_by_side,
 )
@@ -144,18 +145,9 @@ def _pair(device, dtype=torch.float32, **options):
 
 def test_grad_scaler_unscales_and_skips_inf_steps_in_the_kernel(device):
     opt, ref, params, ref_params = _pair(device)
-    scalers = [torch.amp.GradScaler(device.type, init_scale=2.0**12, growth_interval=3) for _ in range(2)]
-    for step in range(6):
-        weights = random_tensors(SHAPES, torch.float32, 50 + step, device)
-        if step in (1, 4):
-            weights[1].view(-1)[7] = float("inf") if step == 1 else float("nan")
-        for o, ps, scaler in ((opt, params, scalers[0]), (ref, ref_params, scalers[1])):
-            scaler.scale(sum((p * w).sum() for p, w in zip(ps, weights))).backward()
-            scaler.step(o)
-            scaler.update()
-            o.zero_grad()
-        assert scalers[0].get_scale() == scalers[1].get_scale()
-        compare(opt, ref, params, ref_params, EXACT, f"after step {step + 1}")
+    grad_scaler_side_by_side(
+        opt, ref, params, ref_params, SHAPES, device, lambda where: compare(opt, ref, params, ref_params, EXACT, where)
+    )
 
 
 def test_grad_scale_and_found_inf_as_arguments(device):

@@ -14,6 +14,7 @@ import fused_optim.schedulefree
 from fused_optim import ScheduleFreeAdamW
 from fused_optim.kernels._tables import record_launches
 from parity import SHAPES, TOL, Config, assert_same, close, leaves, param_arg, random_tensors, set_grads
+from references import grad_scaler_side_by_side
 
 schedulefree = pytest.importorskip("schedulefree")
 Reference = schedulefree.AdamWScheduleFree
@@ -342,18 +343,9 @@ def test_grad_scaler_skips_inf_steps_and_their_counters(device):
     the group's k, weight_sum, lr_max), as GradScaler skips the reference's step()."""
     opt, ref, params, ref_params = _pair(EVERYTHING, device, SMALL)
     assert opt._step_supports_amp_scaling and not getattr(ref, "_step_supports_amp_scaling", False)
-    scalers = [torch.amp.GradScaler(device.type, init_scale=2.0**12, growth_interval=3) for _ in range(2)]
-    for step in range(6):
-        weights = random_tensors(SMALL, torch.float32, 50 + step, device)
-        if step in (1, 4):
-            weights[0].view(-1)[7] = float("inf") if step == 1 else float("nan")
-        for o, ps, scaler in ((opt, params, scalers[0]), (ref, ref_params, scalers[1])):
-            scaler.scale(sum((p * w).sum() for p, w in zip(ps, weights))).backward()
-            scaler.step(o)
-            scaler.update()
-            o.zero_grad()
-        assert scalers[0].get_scale() == scalers[1].get_scale()
-        _check(opt, ref, params, ref_params, RUN, f"after step {step + 1}")
+    grad_scaler_side_by_side(
+        opt, ref, params, ref_params, SMALL, device, lambda where: _check(opt, ref, params, ref_params, RUN, where)
+    )
     assert opt.param_groups[0]["k"] == 4
     scale = torch.tensor(64.0, device=device)  # the same through step()'s arguments
     set_grads(params, ref_params, 9, 0)

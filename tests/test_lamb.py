@@ -317,3 +317,21 @@ def test_stochastic_rounding_and_bf16_states(name, device):
                 assert opt.state[p][key].dtype == torch.bfloat16
                 close(opt.state[p][key].double(), value, {"rtol": 2**-8, "atol": 1e-30}, f"{key} of param {i}")
     assert away > 50
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_complex_params_step_as_their_real_view(name, device):
+    """As torch.optim does for complex params: the moments and the update of the real view (the
+    norms are the complex tensors' norms)."""
+    init = random_tensors([(5, 4), (9,)], torch.complex64, 0, device)
+    params = leaves(init)
+    opt = getattr(fused_optim, name)(params, **CASES[name][3])
+    ref = CASES[name][0]([torch.view_as_real(t) for t in init], **CASES[name][3])
+    for step in range(3):
+        grads = random_tensors([(5, 4), (9,)], torch.complex64, 800 + step, device)
+        for p, g in zip(params, grads):
+            p.grad = g
+        opt.step()
+        ref.step([torch.view_as_real(g) for g in grads])
+        for p, q in zip(params, ref.params):
+            close(torch.view_as_real(p.detach()).double(), q, RUN, f"step {step + 1}")

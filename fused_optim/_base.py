@@ -16,7 +16,6 @@ import numpy as np
 import torch
 from torch.optim import Optimizer
 
-from . import _dtensor
 from ._checks import ChecksMixin, check_extensions, check_like_torch
 from ._fallback import FallbackMixin
 from ._features import FeaturesMixin, StepInputs
@@ -331,9 +330,7 @@ class FusedOptimizer(PlansMixin, FeaturesMixin, ChecksMixin, FallbackMixin, Opti
         the launch holds no sharded param."""
         classes = [launch.seg.norm_classes[i] for i in launch.rows.tolist()]
         if not self._algorithm.n_sums or all(c is None for c in classes):
-            return None
-        if _dtensor.PARTIAL in classes:
-            raise NotImplementedError(f"fused_optim.{type(self).__name__}: params with Partial placements")
+            return None  # (params with Partial placements were refused by _validate)
 
         def combine(sums: torch.Tensor) -> None:
             import torch.distributed as dist

@@ -93,6 +93,11 @@ class ChecksMixin:
                 )
             if not uses_triton(p.device):
                 self._check_fallback(group, p, where)
+            if getattr(self._algorithm, "n_sums", 0) and _dtensor.norm_class(p) == _dtensor.PARTIAL:
+                raise NotImplementedError(
+                    f"fused_optim.{name}: {where} has a Partial placement; its per-tensor norms need the "
+                    "param's values, which a Partial DTensor does not hold"
+                )
             state = self.state.get(p)
             if state:
                 self._check_state(state, p, group, where)

@@ -335,3 +335,22 @@ def test_complex_params_step_as_their_real_view(name, device):
         ref.step([torch.view_as_real(g) for g in grads])
         for p, q in zip(params, ref.params):
             close(torch.view_as_real(p.detach()).double(), q, RUN, f"step {step + 1}")
+
+
+def test_partial_placements_are_refused_before_anything_changes(device):
+    """A Partial DTensor holds no values to take norms of: refused by the checks, not mid-step."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DeviceMesh, DTensor, Partial
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = DeviceMesh("cpu", [0])
+        plain = torch.nn.Parameter(torch.ones(3))
+        partial = torch.nn.Parameter(DTensor.from_local(torch.ones(4), mesh, [Partial()]))
+        plain.grad, partial.grad = torch.ones(3), DTensor.from_local(torch.ones(4), mesh, [Partial()])
+        opt = fused_optim.LAMB([plain, partial])
+        with pytest.raises(NotImplementedError, match="Partial placement"):
+            opt.step()
+        assert torch.equal(plain, torch.ones(3)) and not opt.state
+    finally:
+        dist.destroy_process_group()

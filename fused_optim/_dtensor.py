@@ -30,6 +30,11 @@ def like_param(local_tensor: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     its mesh and placements for a DTensor param, else ``local_tensor`` itself."""
     if not is_dtensor(param):
         return local_tensor
+    if local_tensor.storage_offset():
+        # The same memory as a tensor of its own, at storage offset 0: a DTensor made from a view at
+        # an offset reports a nonzero data_ptr, which sends copy.deepcopy down the path of real
+        # storages, and it fails ("invalid python storage"): deep-copying a state_dict would.
+        local_tensor = torch.utils.dlpack.from_dlpack(local_tensor)
     return DTensor.from_local(
         local_tensor, param.device_mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride()
     )

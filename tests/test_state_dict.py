@@ -135,3 +135,32 @@ def test_load_state_dict_hooks_still_run(device):
     dst.register_load_state_dict_post_hook(lambda opt: seen.append(("post", opt.param_groups[0]["lr"])))
     dst.load_state_dict(src.state_dict())
     assert seen == ["pre", ("post", 0.25)]
+
+
+def test_state_dict_with_dtensor_params_deep_copies_and_stays_live():
+    """DTensor state entries are live (a step shows in them) and a state_dict holding several of
+    them deep-copies, as torch.optim's does (views at an offset in the flat buffers used to make
+    DTensors whose deepcopy failed)."""
+    import copy
+
+    import torch.distributed as dist
+    from torch.distributed.tensor import DeviceMesh, Shard, distribute_tensor
+
+    import fused_optim
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = DeviceMesh("cpu", [0])
+        params = [torch.nn.Parameter(distribute_tensor(torch.randn(4, 3), mesh, [Shard(0)])) for _ in range(3)]
+        opt = fused_optim.Adam(params, lr=0.1)
+        for p in params:
+            p.grad = distribute_tensor(torch.randn(4, 3), mesh, [Shard(0)])
+        opt.step()
+        views = [opt.state[p]["exp_avg"] for p in params]
+        copied = copy.deepcopy(opt.state_dict())
+        opt.step()  # the same grads again: exp_avg moves, in the live views only
+        for view, (i, saved) in zip(views, sorted(copied["state"].items())):
+            assert torch.equal(view.full_tensor(), opt.state[params[i]]["exp_avg"].full_tensor())
+            assert not torch.equal(view.full_tensor(), saved["exp_avg"].full_tensor())
+    finally:
+        dist.destroy_process_group()

@@ -10,6 +10,7 @@ import fused_optim
 from algorithms import EXTENSIONS
 from fused_optim.kernels._tables import record_launches
 from parity import TOL, assert_same, close, leaves, random_tensors, run_interchange, run_parity, set_grads
+from references import one_rank_mesh
 
 # Matrices spanning several tiles in both dims (tiles are 16 x 128), a batch of matrices, vectors
 # spanning several tiles, 0-dim and size-1 params. (No empty param: torch's Adafactor divides by
@@ -251,21 +252,15 @@ def test_empty_param(device):
 
 def test_dtensor_params_raise(device):
     """Factored moments of a sharded param need reductions across ranks: refused, nothing changes."""
-    import torch.distributed as dist
-    from torch.distributed.tensor import DeviceMesh, Shard, distribute_tensor
+    from torch.distributed.tensor import Shard, distribute_tensor
 
-    store = dist.HashStore()
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-    try:
-        mesh = DeviceMesh("cpu", [0])
-        p = torch.nn.Parameter(distribute_tensor(torch.ones(4, 3), mesh, [Shard(0)]))
-        p.grad = distribute_tensor(torch.ones(4, 3), mesh, [Shard(0)])
+    with one_rank_mesh(device) as mesh:
+        p = torch.nn.Parameter(distribute_tensor(torch.ones(4, 3, device=device), mesh, [Shard(0)]))
+        p.grad = distribute_tensor(torch.ones(4, 3, device=device), mesh, [Shard(0)])
         opt = fused_optim.Adafactor([p])
         with pytest.raises(NotImplementedError, match="DTensor"):
             opt.step()
-        assert torch.equal(p.full_tensor(), torch.ones(4, 3)) and not opt.state
-    finally:
-        dist.destroy_process_group()
+        assert torch.equal(p.full_tensor(), torch.ones(4, 3, device=device)) and not opt.state
 
 
 def test_bf16_states_round_the_fp32_states(device):

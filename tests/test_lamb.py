@@ -7,6 +7,7 @@ import torch
 import fused_optim
 from fused_optim.kernels._tables import record_launches
 from parity import SHAPES, TOL, close, leaves, random_tensors
+from references import one_rank_mesh
 
 RUN = TOL[torch.float32][1]
 
@@ -270,12 +271,9 @@ def test_lamb_capturable_takes_the_same_steps(device):
 @pytest.mark.parametrize("name", CASES)
 def test_dtensor_params_take_the_same_steps(name, device):
     """Element-wise math with per-tensor norms: on a one-rank mesh, DTensor params step as tensors."""
-    import torch.distributed as dist
-    from torch.distributed.tensor import DeviceMesh, Shard, distribute_tensor
+    from torch.distributed.tensor import Shard, distribute_tensor
 
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        mesh = DeviceMesh("cpu", [0])
+    with one_rank_mesh(device) as mesh:
         init = random_tensors([(12, 7), (30,)], torch.float32, 3, device)
         params = [torch.nn.Parameter(distribute_tensor(t.clone(), mesh, [Shard(0)])) for t in init]
         plain = leaves(init)
@@ -288,8 +286,6 @@ def test_dtensor_params_take_the_same_steps(name, device):
             ref.step()
             for p, q in zip(params, plain):
                 assert torch.equal(p.full_tensor(), q.detach())
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -339,18 +335,16 @@ def test_complex_params_step_as_their_real_view(name, device):
 
 def test_partial_placements_are_refused_before_anything_changes(device):
     """A Partial DTensor holds no values to take norms of: refused by the checks, not mid-step."""
-    import torch.distributed as dist
-    from torch.distributed.tensor import DeviceMesh, DTensor, Partial
+    from torch.distributed.tensor import DTensor, Partial
 
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        mesh = DeviceMesh("cpu", [0])
-        plain = torch.nn.Parameter(torch.ones(3))
-        partial = torch.nn.Parameter(DTensor.from_local(torch.ones(4), mesh, [Partial()]))
-        plain.grad, partial.grad = torch.ones(3), DTensor.from_local(torch.ones(4), mesh, [Partial()])
+    with one_rank_mesh(device) as mesh:
+        plain = torch.nn.Parameter(torch.ones(3, device=device))
+        partial = torch.nn.Parameter(DTensor.from_local(torch.ones(4, device=device), mesh, [Partial()]))
+        plain.grad, partial.grad = (
+            torch.ones(3, device=device),
+            DTensor.from_local(torch.ones(4, device=device), mesh, [Partial()]),
+        )
         opt = fused_optim.LAMB([plain, partial])
         with pytest.raises(NotImplementedError, match="Partial placement"):
             opt.step()
-        assert torch.equal(plain, torch.ones(3)) and not opt.state
-    finally:
-        dist.destroy_process_group()
+        assert torch.equal(plain, torch.ones(3, device=device)) and not opt.state

@@ -23,6 +23,7 @@ from algorithms import EXTENSIONS
 from fused_optim.kernels._tables import record_launches
 from fused_optim.muon import newton_schulz
 from parity import TOL, Config, close, leaves, param_arg, random_tensors, set_grads
+from references import one_rank_mesh
 
 pytestmark = pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs torch >= 2.9")
 
@@ -393,12 +394,9 @@ def test_non_contiguous_params(device):
 def test_dtensor_params_are_gathered_orthogonalized_and_sharded_again(device):
     """A DTensor param (one rank here; two in test_distributed.py) takes the same steps as the
     plain tensor: its update is gathered whole, orthogonalized, and its shard kept."""
-    import torch.distributed as dist
-    from torch.distributed.tensor import DeviceMesh, Shard, distribute_tensor
+    from torch.distributed.tensor import Shard, distribute_tensor
 
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        mesh = DeviceMesh("cpu", [0])
+    with one_rank_mesh(device) as mesh:
         init = random_tensors([(12, 7), (7, 12)], torch.float32, 3, device)
         params = [torch.nn.Parameter(distribute_tensor(t.clone(), mesh, [Shard(0)])) for t in init]
         plain = leaves(init)
@@ -411,8 +409,6 @@ def test_dtensor_params_are_gathered_orthogonalized_and_sharded_again(device):
             for p, q in zip(params, plain):
                 assert torch.equal(p.full_tensor(), q.detach())
                 assert torch.equal(opt.state[p]["momentum_buffer"].full_tensor(), ref.state[q]["momentum_buffer"])
-    finally:
-        dist.destroy_process_group()
 
 
 def test_same_shape_matrices_are_orthogonalized_in_one_batched_call(device, monkeypatch):

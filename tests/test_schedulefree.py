@@ -14,7 +14,7 @@ import fused_optim.schedulefree
 from fused_optim import ScheduleFreeAdamW
 from fused_optim.kernels._tables import record_launches
 from parity import SHAPES, TOL, Config, assert_same, close, leaves, param_arg, random_tensors, set_grads
-from references import grad_scaler_side_by_side
+from references import grad_scaler_side_by_side, one_rank_mesh
 
 schedulefree = pytest.importorskip("schedulefree")
 Reference = schedulefree.AdamWScheduleFree
@@ -506,12 +506,9 @@ def test_bf16_params_no_less_accurate_than_the_references_bf16(device):
 def test_dtensor_params_take_the_steps_of_plain_ones(device):
     """DTensor params (one rank here): the kernels update each local shard, the states are DTensors
     placed like their params, eval()/train() switch the shards; bit for bit the plain tensors' run."""
-    import torch.distributed as dist
-    from torch.distributed.tensor import DeviceMesh, Shard, distribute_tensor
+    from torch.distributed.tensor import Shard, distribute_tensor
 
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        mesh = DeviceMesh(device.type, [0])
+    with one_rank_mesh(device) as mesh:
         shapes = [(12, 7), (9,)]
         init = random_tensors(shapes, torch.float32, 3, device)
         params = [torch.nn.Parameter(distribute_tensor(t.clone(), mesh, [Shard(0)])) for t in init]
@@ -536,8 +533,6 @@ def test_dtensor_params_take_the_steps_of_plain_ones(device):
         for o in (opt, ref):
             o.eval()
         check("eval()")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_distributed_checkpoint_round_trip(device, tmp_path):

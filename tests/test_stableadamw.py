@@ -12,6 +12,7 @@ import fused_optim
 from fused_optim import StableAdamW
 from fused_optim.kernels._tables import record_launches
 from parity import SHAPES, TOL, Config, close, leaves, param_arg, random_tensors
+from references import one_rank_mesh
 
 optimi = pytest.importorskip("optimi")
 
@@ -430,14 +431,11 @@ def test_dtensor_params_and_distributed_checkpoint(device, tmp_path):
     """DTensor params (one rank): the same steps as plain tensors, moments DTensors placed like their
     params, eps_sq a plain 0-dim tensor as optimi makes it; torch.distributed.checkpoint saves and
     restores the state and the group entries."""
-    import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
-    from torch.distributed.tensor import DeviceMesh, Shard, distribute_tensor
+    from torch.distributed.tensor import Shard, distribute_tensor
 
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        mesh = DeviceMesh(device.type, [0])
+    with one_rank_mesh(device) as mesh:
         shapes = [(12, 7), (30,)]
         init = random_tensors(shapes, torch.float32, 3, device)
         params = [torch.nn.Parameter(distribute_tensor(t.clone(), mesh, [Shard(0)])) for t in init]
@@ -455,8 +453,6 @@ def test_dtensor_params_and_distributed_checkpoint(device, tmp_path):
                     assert opt.state[p][key].placements == p.placements
                     assert torch.equal(opt.state[p][key].full_tensor(), ref.state[q][key])
                 assert type(opt.state[p]["eps_sq"]) is torch.Tensor and opt.state[p]["kahan_comp"] is None
-    finally:
-        dist.destroy_process_group()
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1)).to(device)
     opt = Fused(model.parameters(), lr=1e-2)
     for _ in range(3):

@@ -8,6 +8,7 @@ import torch
 
 import fused_optim
 from parity import SHAPES, assert_same, leaves, random_tensors, set_grads
+from references import one_rank_mesh
 
 KWARGS = {"lr": 0.05, "amsgrad": True, "weight_decay": 0.1}
 TOL = {"rtol": 1e-5, "atol": 1e-6}
@@ -137,24 +138,23 @@ def test_load_state_dict_hooks_still_run(device):
     assert seen == ["pre", ("post", 0.25)]
 
 
-def test_state_dict_with_dtensor_params_deep_copies_and_stays_live():
+def test_state_dict_with_dtensor_params_deep_copies_and_stays_live(device):
     """DTensor state entries are live (a step shows in them) and a state_dict holding several of
     them deep-copies, as torch.optim's does (views at an offset in the flat buffers used to make
     DTensors whose deepcopy failed)."""
     import copy
 
-    import torch.distributed as dist
-    from torch.distributed.tensor import DeviceMesh, Shard, distribute_tensor
+    from torch.distributed.tensor import Shard, distribute_tensor
 
     import fused_optim
 
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        mesh = DeviceMesh("cpu", [0])
-        params = [torch.nn.Parameter(distribute_tensor(torch.randn(4, 3), mesh, [Shard(0)])) for _ in range(3)]
+    with one_rank_mesh(device) as mesh:
+        params = [
+            torch.nn.Parameter(distribute_tensor(torch.randn(4, 3, device=device), mesh, [Shard(0)])) for _ in range(3)
+        ]
         opt = fused_optim.Adam(params, lr=0.1)
         for p in params:
-            p.grad = distribute_tensor(torch.randn(4, 3), mesh, [Shard(0)])
+            p.grad = distribute_tensor(torch.randn(4, 3, device=device), mesh, [Shard(0)])
         opt.step()
         views = [opt.state[p]["exp_avg"] for p in params]
         copied = copy.deepcopy(opt.state_dict())
@@ -162,5 +162,3 @@ def test_state_dict_with_dtensor_params_deep_copies_and_stays_live():
         for view, (i, saved) in zip(views, sorted(copied["state"].items())):
             assert torch.equal(view.full_tensor(), opt.state[params[i]]["exp_avg"].full_tensor())
             assert not torch.equal(view.full_tensor(), saved["exp_avg"].full_tensor())
-    finally:
-        dist.destroy_process_group()

@@ -109,6 +109,22 @@ def grad_scaler_side_by_side(opt, ref, params, ref_params, shapes, device, check
         check(f"after step {step + 1}")
 
 
+def grad_scale_arguments_side_by_side(opt, ref, params, ref_params, device, check, steps: int = 3) -> None:
+    """``step(grad_scale=, found_inf=)`` on grads scaled by 1024, the second step flagged as inf,
+    against the reference stepped on the unscaled grads and not at all on that step; ``check(where)``
+    after every step."""
+    scale = torch.tensor(1024.0, device=device)
+    for step in range(steps):
+        set_grads(params, ref_params, step, 0)
+        for p in params:
+            p.grad.mul_(scale)
+        skip = step == 1
+        opt.step(grad_scale=scale, found_inf=torch.tensor(float(skip), device=device))
+        if not skip:
+            ref.step()
+        check(f"after step {step + 1}")
+
+
 @contextlib.contextmanager
 def correctly_rounded_sqrt():
     """``Tensor.sqrt`` correctly rounded (through float64) while it lasts. torch's CPU sqrt may be

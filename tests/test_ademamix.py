@@ -28,6 +28,7 @@ from references import (
     bf16_neighbours,
     compare,
     correctly_rounded_sqrt,
+    grad_scale_arguments_side_by_side,
     grad_scaler_side_by_side,
     one_rank_mesh,
     side_by_side,
@@ -405,16 +406,8 @@ def test_grad_scaler_unscales_and_skips_inf_steps_in_the_kernel(device):
 
 def test_grad_scale_and_found_inf_as_arguments(device):
     opt, ref, params, ref_params = _pair(device)
-    scale = torch.tensor(1024.0, device=device)
-    for step in range(3):
-        set_grads(params, ref_params, step, 0)
-        for p in params:
-            p.grad.mul_(scale)
-        skip = step == 1
-        opt.step(grad_scale=scale, found_inf=torch.tensor(float(skip), device=device))
-        if not skip:
-            ref.step()
-        compare(opt, ref, params, ref_params, RUN, f"after step {step + 1}", ("step",))
+    check = lambda where: compare(opt, ref, params, ref_params, RUN, where, ("step",))  # noqa: E731
+    grad_scale_arguments_side_by_side(opt, ref, params, ref_params, device, check)
 
 
 def test_max_grad_norm_clips_inside_step(device):

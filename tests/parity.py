@@ -3,6 +3,7 @@ on identical random inputs, comparing params and every state key after every ste
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -136,3 +137,18 @@ def run_interchange(src_cls, dst_cls, kwargs: dict, *, device, path, shapes=SHAP
         dst.step()
         src.step()
         assert_same(dst, src, dst_params, src_params, TOL[torch.float32][1], f"{step + 1} steps after loading")
+
+
+@contextlib.contextmanager
+def one_rank_mesh(device: torch.device):
+    """A one-process group (gloo on CPU, NCCL with CUDA) and a device mesh over it: DTensor params
+    without spawning processes."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DeviceMesh
+
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield DeviceMesh(device.type, [0])
+    finally:
+        dist.destroy_process_group()

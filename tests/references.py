@@ -156,18 +156,3 @@ def bf16_neighbours(exact: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     lo = torch.where(nearest.double() <= exact, nearest, down).double()
     hi = torch.where(nearest.double() >= exact, nearest, up).double()
     return lo, hi
-
-
-@contextlib.contextmanager
-def one_rank_mesh(device: torch.device):
-    """A one-process group (gloo on CPU, NCCL with CUDA) and a device mesh over it: DTensor params
-    without spawning processes."""
-    import torch.distributed as dist
-    from torch.distributed.tensor import DeviceMesh
-
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield DeviceMesh(device.type, [0])
-    finally:
-        dist.destroy_process_group()

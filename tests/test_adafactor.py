@@ -9,8 +9,17 @@ import torch
 import fused_optim
 from algorithms import EXTENSIONS
 from fused_optim.kernels._tables import record_launches
-from parity import TOL, assert_same, close, leaves, random_tensors, run_interchange, run_parity, set_grads
-from references import one_rank_mesh
+from parity import (
+    TOL,
+    assert_same,
+    close,
+    leaves,
+    one_rank_mesh,
+    random_tensors,
+    run_interchange,
+    run_parity,
+    set_grads,
+)
 
 # Matrices spanning several tiles in both dims (tiles are 16 x 128), a batch of matrices, vectors
 # spanning several tiles, 0-dim and size-1 params. (No empty param: torch's Adafactor divides by

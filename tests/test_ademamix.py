@@ -18,7 +18,7 @@ import torch
 
 import fused_optim
 from fused_optim.ademamix import schedule_alpha, schedule_beta3
-from parity import SHAPES, TOL, Config, close, leaves, random_tensors, set_grads
+from parity import SHAPES, TOL, Config, close, leaves, one_rank_mesh, random_tensors, set_grads
 from references import (
     BF16_STATES,
     EXACT,
@@ -30,7 +30,6 @@ from references import (
     correctly_rounded_sqrt,
     grad_scale_arguments_side_by_side,
     grad_scaler_side_by_side,
-    one_rank_mesh,
     side_by_side,
 )
 

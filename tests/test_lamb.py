@@ -6,8 +6,7 @@ import torch
 
 import fused_optim
 from fused_optim.kernels._tables import record_launches
-from parity import SHAPES, TOL, close, leaves, random_tensors
-from references import one_rank_mesh
+from parity import SHAPES, TOL, close, leaves, one_rank_mesh, random_tensors
 
 RUN = TOL[torch.float32][1]
 

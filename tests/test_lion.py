@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fused_optim
-from parity import SHAPES, Config, close, leaves, random_tensors, set_grads
+from parity import SHAPES, Config, close, leaves, one_rank_mesh, random_tensors, set_grads
 from references import (
     BF16_STATES,
     EXACT,
@@ -18,7 +18,6 @@ from references import (
     compare,
     grad_scale_arguments_side_by_side,
     grad_scaler_side_by_side,
-    one_rank_mesh,
     side_by_side,
 )
 

@@ -22,8 +22,7 @@ import fused_optim.muon
 from algorithms import EXTENSIONS
 from fused_optim.kernels._tables import record_launches
 from fused_optim.muon import newton_schulz
-from parity import TOL, Config, close, leaves, param_arg, random_tensors, set_grads
-from references import one_rank_mesh
+from parity import TOL, Config, close, leaves, one_rank_mesh, param_arg, random_tensors, set_grads
 
 pytestmark = pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs torch >= 2.9")
 

@@ -13,8 +13,8 @@ import fused_optim
 import fused_optim.schedulefree
 from fused_optim import ScheduleFreeAdamW
 from fused_optim.kernels._tables import record_launches
-from parity import SHAPES, TOL, Config, assert_same, close, leaves, param_arg, random_tensors, set_grads
-from references import grad_scaler_side_by_side, one_rank_mesh
+from parity import SHAPES, TOL, Config, assert_same, close, leaves, one_rank_mesh, param_arg, random_tensors, set_grads
+from references import grad_scaler_side_by_side
 
 schedulefree = pytest.importorskip("schedulefree")
 Reference = schedulefree.AdamWScheduleFree

@@ -11,8 +11,7 @@ import torch
 import fused_optim
 from fused_optim import StableAdamW
 from fused_optim.kernels._tables import record_launches
-from parity import SHAPES, TOL, Config, close, leaves, param_arg, random_tensors
-from references import one_rank_mesh
+from parity import SHAPES, TOL, Config, close, leaves, one_rank_mesh, param_arg, random_tensors
 
 optimi = pytest.importorskip("optimi")
 

@@ -7,8 +7,7 @@ import pytest
 import torch
 
 import fused_optim
-from parity import SHAPES, assert_same, leaves, random_tensors, set_grads
-from references import one_rank_mesh
+from parity import SHAPES, assert_same, leaves, one_rank_mesh, random_tensors, set_grads
 
 KWARGS = {"lr": 0.05, "amsgrad": True, "weight_decay": 0.1}
 TOL = {"rtol": 1e-5, "atol": 1e-6}

@@ -20,6 +20,7 @@ from ._checks import ChecksMixin, check_extensions, check_like_torch
 from ._fallback import FallbackMixin
 from ._features import FeaturesMixin, StepInputs
 from ._plans import PlansMixin
+from ._quant import CODES, dequantize
 from ._segments import Launch, as_float
 from ._state import TrackedState, Tracker
 from .kernels import Algorithm, advance, step_table, update_step
@@ -32,6 +33,7 @@ _EXTENSIONS = {
     "stochastic_rounding": False,
     "rounding_seed": 0,
     "state_dtype": None,
+    "stochastic_state_rounding": False,
     "max_grad_norm": None,
 }
 
@@ -85,7 +87,12 @@ class FusedOptimizer(PlansMixin, FeaturesMixin, ChecksMixin, FallbackMixin, Opti
       gives the same bits. (Without device step counts, "the step" is this optimizer's count of
       ``step()`` calls, which a checkpoint does not keep: a resumed run draws other bits than an
       uninterrupted one, equally unbiased.)
-    * ``state_dtype`` (torch.dtype): dtype of the per-element state (default: the param's).
+    * ``state_dtype`` (torch.dtype): dtype of the per-element state (default: the param's), or
+      ``torch.int8`` / ``torch.float8_e4m3fn``: 8-bit moments with one fp32 scale per 256
+      elements (state keys ``{key}_codes``, ``{key}_scales``) for params of 4,096+ elements whose
+      rows are whole blocks; other params and states keep fp32 (README, "8-bit states").
+    * ``stochastic_state_rounding`` (bool): 8-bit states are rounded stochastically (unbiased)
+      instead of to the nearest code.
     * ``max_grad_norm`` (float): clip the global grad norm (2-norm over every group) inside each
       step, as ``torch.nn.utils.clip_grad_norm_`` then ``step()`` would.
 
@@ -139,6 +146,7 @@ class FusedOptimizer(PlansMixin, FeaturesMixin, ChecksMixin, FallbackMixin, Opti
         self.options["master_weights"] = bool(self.options["master_weights"])
         self.options["stochastic_rounding"] = bool(self.options["stochastic_rounding"])
         check_extensions(self.options)
+        self._check_state_dtype()
         super().__init__(params, defaults)
         self._reset_engine()
         if self._eager_state:
@@ -321,8 +329,12 @@ class FusedOptimizer(PlansMixin, FeaturesMixin, ChecksMixin, FallbackMixin, Opti
             self._algorithm, launch.tables, seg.flat, param_dtype=seg.dtype, lr=lr, hyper=hyper, options=options,
             step_scalars=scalars, weight_decay=weight_decay, decoupled=decoupled,
             maximize=bool(group.get("maximize", False)), features=features, num_warps=self._num_warps,
-            combine_sums=self._combine_sums(launch),
+            combine_sums=self._combine_sums(launch), **self._codes(seg),
         )  # fmt: skip
+
+    def _codes(self, seg) -> dict:
+        """``update_step``'s arguments for the 8-bit states of a segment."""
+        return {"scales": seg.scales, "stochastic_codes": self.options["stochastic_state_rounding"]}
 
     def _combine_sums(self, launch: Launch):
         """For per-tensor sums (LAMB's norms) of DTensor params: a function that adds up each sharded
@@ -382,12 +394,23 @@ class FusedOptimizer(PlansMixin, FeaturesMixin, ChecksMixin, FallbackMixin, Opti
                 param_passes = 1 if seg.master else 2  # the master copy is read instead of the param
                 total += n * (param_passes + 1) * seg.dtype.itemsize  # param (write[, read]) and grad read
                 total += sum(2 * seg.key_numel(k) * flat.dtype.itemsize for k, flat in seg.flat.items())
+                total += sum(2 * scales.numel() * scales.dtype.itemsize for scales in seg.scales.values())
         return total
 
     # --- torch.optim compatibility -----------------------------------------------------------
     def state_dict(self):
         state_dict = super().state_dict()
         state_dict["state"] = {k: dict(v) if isinstance(v, dict) else v for k, v in state_dict["state"].items()}
+        return state_dict
+
+    def dequantized_state_dict(self) -> dict:
+        """``state_dict()`` with every 8-bit state (``{key}_codes``, ``{key}_scales``) replaced by its
+        fp32 values under torch's key: a checkpoint that ``torch.optim`` (and this optimizer with
+        any ``state_dtype``) loads."""
+        state_dict = self.state_dict()
+        for state in state_dict["state"].values():
+            for key in [k[: -len("_codes")] for k in state if k.endswith("_codes") and k[:-6] in CODES]:
+                state[key] = dequantize(state.pop(f"{key}_codes"), state.pop(f"{key}_scales"), CODES[key])
         return state_dict
 
     def load_state_dict(self, state_dict) -> None:

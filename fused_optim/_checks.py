@@ -13,6 +13,7 @@ import torch
 
 from . import _dtensor
 from ._fallback import uses_triton
+from ._quant import CODES, QB, QUANT_DTYPES
 from ._segments import COMPLEX_DTYPES, REAL_DTYPES, real_dtype
 
 PLACEHOLDER_SHAPES: dict[type, tuple[int, ...]] = {}  # torch classes that refuse a 1-D placeholder (Muon: 2-D)
@@ -30,10 +31,13 @@ def check_like_torch(torch_cls, **kwargs) -> None:
 
 def check_extensions(options: dict) -> None:
     """fused_optim's own arguments (``master_weights``, ``stochastic_rounding``, ``rounding_seed``,
-    ``state_dtype``, ``max_grad_norm``)."""
-    if options["state_dtype"] is not None and options["state_dtype"] not in REAL_DTYPES:
+    ``state_dtype``, ``stochastic_state_rounding``, ``max_grad_norm``)."""
+    dtypes = (*REAL_DTYPES, *QUANT_DTYPES)
+    if options["state_dtype"] is not None and options["state_dtype"] not in dtypes:
+        raise ValueError(f"Invalid state_dtype: {options['state_dtype']} (choose among {', '.join(map(str, dtypes))})")
+    if options["stochastic_state_rounding"] and options["state_dtype"] not in QUANT_DTYPES:
         raise ValueError(
-            f"Invalid state_dtype: {options['state_dtype']} (choose among {', '.join(map(str, REAL_DTYPES))})"
+            "stochastic_state_rounding rounds 8-bit states: it needs state_dtype=torch.int8 or torch.float8_e4m3fn"
         )
     if options["master_weights"] and options["stochastic_rounding"]:
         raise ValueError("master_weights and stochastic_rounding are exclusive: the master copy keeps full precision")
@@ -45,6 +49,15 @@ def check_extensions(options: dict) -> None:
 
 class ChecksMixin:
     """The checks of ``FusedOptimizer``."""
+
+    def _check_state_dtype(self) -> None:
+        """An 8-bit ``state_dtype`` needs an algorithm with moments to quantize."""
+        state_dtype = self.options["state_dtype"]
+        if state_dtype in QUANT_DTYPES and not any(k in CODES for k in getattr(self._algorithm, "state_keys", ())):
+            raise NotImplementedError(
+                f"fused_optim.{type(self).__name__} does not implement state_dtype={state_dtype}: its state holds "
+                'no moment to quantize (8-bit states: README, "8-bit states")'
+            )
 
     def _check_options(self, group) -> None:
         name = type(self).__name__
@@ -80,6 +93,8 @@ class ChecksMixin:
                     f"fused_optim.{name}: {where} has dtype {p.dtype}; "
                     "supported are float32, float64, float16, bfloat16, complex64 and complex128"
                 )
+            if self._quantizes(p):
+                self._check_quantizable(p, where)
             if self.options["stochastic_rounding"] and p.dtype == torch.float16:
                 raise NotImplementedError(
                     f"fused_optim.{name}: stochastic_rounding rounds to bfloat16; {where} is float16 "
@@ -104,6 +119,18 @@ class ChecksMixin:
         if sparse:
             self._check_sparse(group)
 
+    def _check_quantizable(self, p: torch.Tensor, where: str) -> None:
+        """8-bit states of ``p``: real, and sharded (if at all) by rows, so that no block straddles ranks."""
+        name, state_dtype = type(self).__name__, self.options["state_dtype"]
+        if p.is_complex():
+            raise NotImplementedError(f"fused_optim.{name}: state_dtype={state_dtype} for complex params ({where})")
+        placements = getattr(p, "placements", ())
+        if any(not (pl.is_replicate() or (pl.is_shard() and pl.dim == 0)) for pl in placements):
+            raise NotImplementedError(
+                f"fused_optim.{name}: state_dtype={state_dtype} needs params sharded by rows (Shard(0)) or "
+                f"replicated; {where} has placements {tuple(placements)}"
+            )
+
     def _check_fallback(self, group, p: torch.Tensor, where: str) -> None:
         """Options torch.optim's implementation (devices the kernels do not run on) cannot honour."""
         if self._torch_cls is None:
@@ -113,7 +140,7 @@ class ChecksMixin:
                 "fused_optim to run them on CPU through Triton's interpreter"
             )
         dtype = real_dtype(p.dtype)
-        keys = self._key_dtypes(group, dtype)
+        keys = self._key_dtypes(group, dtype, self._quantizes(p))
         master = "master_param" in keys
         if self.options["stochastic_rounding"] and dtype == torch.bfloat16:
             option = "stochastic_rounding"
@@ -139,6 +166,9 @@ class ChecksMixin:
         for key in self._key_dtypes(group, real_dtype(p.dtype)):
             value = state.get(key)
             shape = p.shape if key == "master_param" else self._state_shape(group, key, tuple(p.shape))
+            if value is None and key in CODES and f"{key}_codes" in state:  # 8-bit (as saved by any state_dtype)
+                self._check_codes(state, key, p, where)
+                continue
             if shape is None or (value is None and key in optional):
                 continue
             if not isinstance(value, torch.Tensor):
@@ -156,6 +186,28 @@ class ChecksMixin:
                     f"local shard has shape {tuple(its)} (placements {getattr(value, 'placements', None)} vs "
                     f"{getattr(p, 'placements', None)})"
                 )
+
+    def _check_codes(self, state: dict, key: str, p: torch.Tensor, where: str) -> None:
+        """``{key}_codes`` and ``{key}_scales`` as an 8-bit state of ``p`` keeps them."""
+        codes, scales = state[f"{key}_codes"], state.get(f"{key}_scales")
+        rows = p.shape[0] if p.dim() else 0
+        blocks = (rows, p.numel() // rows // QB) if rows else None
+        if (
+            not isinstance(codes, torch.Tensor)
+            or not isinstance(scales, torch.Tensor)
+            or codes.dtype not in QUANT_DTYPES
+            or codes.shape != p.shape
+            or scales.dtype != torch.float32
+            or tuple(scales.shape) != blocks
+            or p.numel() % QB
+        ):
+            raise ValueError(
+                f"state {key!r} of {where} is stored as {key}_codes and {key}_scales, which must be int8 or "
+                f"float8_e4m3fn codes shaped like the parameter {tuple(p.shape)} and float32 scales of shape "
+                f"{blocks} (blocks of {QB} elements per row)"
+            )
+        if _dtensor.local(codes).shape != _dtensor.local(p).shape:
+            raise ValueError(f"state {key!r} of {where}: its codes are sharded unlike the parameter")
 
     def _check_loadable(self, state_dict) -> None:
         """Runs as the last pre-hook of ``load_state_dict``: it sees the dict the user's hooks made

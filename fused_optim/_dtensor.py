@@ -25,9 +25,11 @@ def local(t):
     return t._local_tensor if is_dtensor(t) else t
 
 
-def like_param(local_tensor: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+def like_param(local_tensor: torch.Tensor, param: torch.Tensor, shape=None) -> torch.Tensor:
     """``local_tensor`` (shaped like ``param``'s local shard) as ``param`` is seen: a DTensor with
-    its mesh and placements for a DTensor param, else ``local_tensor`` itself."""
+    its mesh and placements for a DTensor param, else ``local_tensor`` itself. ``shape``: the
+    global shape of a contiguous state placed like the param but shaped otherwise (the scales of
+    8-bit states, sharded along the same rows)."""
     if not is_dtensor(param):
         return local_tensor
     if local_tensor.storage_offset():
@@ -35,8 +37,12 @@ def like_param(local_tensor: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
         # an offset reports a nonzero data_ptr, which sends copy.deepcopy down the path of real
         # storages, and it fails ("invalid python storage"): deep-copying a state_dict would.
         local_tensor = torch.utils.dlpack.from_dlpack(local_tensor)
+    if shape is None:
+        shape, stride = param.shape, param.stride()
+    else:
+        stride = torch.empty(shape, device="meta").stride()
     return DTensor.from_local(
-        local_tensor, param.device_mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride()
+        local_tensor, param.device_mesh, param.placements, run_check=False, shape=shape, stride=stride
     )
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import _dtensor
+from ._quant import CODES, QUANT_DTYPES, quantizes
 from .kernels._features import Features
 from .kernels.clip import grad_norm_partials
 
@@ -68,14 +69,23 @@ class FeaturesMixin:
         """Step counts on the device: capturable groups, and every group once AMP skips steps."""
         return bool(self._scalar_state) and (bool(group.get("capturable")) or self._amp_steps)
 
-    def _key_dtypes(self, group, dtype: torch.dtype) -> dict[str, torch.dtype]:
-        """The per-element state of params of (real) ``dtype`` in ``group``, with its dtypes."""
+    def _key_dtypes(self, group, dtype: torch.dtype, quantized: bool = False) -> dict[str, torch.dtype]:
+        """The per-element state of params of (real) ``dtype`` in ``group``, with its dtypes; with an
+        8-bit ``state_dtype``, the moments of ``quantized`` params have it (their codes), and every
+        other state is fp32 (fp64 for fp64 params)."""
         master = self.options["master_weights"] and dtype in (torch.float16, torch.bfloat16)
         state_dtype = self.options["state_dtype"] or (torch.float32 if master else dtype)
         keys = dict.fromkeys(self._tensor_state_keys(group), state_dtype)
+        if state_dtype in QUANT_DTYPES:
+            wide = torch.float64 if dtype == torch.float64 else torch.float32
+            keys = {k: state_dtype if quantized and k in CODES else wide for k in keys}
         if master:
             keys["master_param"] = torch.float32
         return keys
+
+    def _quantizes(self, p: torch.Tensor) -> bool:
+        """Whether ``p``'s moments are 8-bit (``_quant.quantizes``)."""
+        return quantizes(p, self.options["state_dtype"])
 
     def _features(self, group, launch, inputs: StepInputs) -> Features:
         """What the kernels of this launch switch on: AMP, clipping, master copy, rounding, device steps."""

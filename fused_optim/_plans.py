@@ -14,6 +14,7 @@ import torch
 from . import _dtensor
 from ._fallback import uses_triton, warn_fallback
 from ._features import rounding_seed
+from ._quant import CODES, dequantize, quantize_into
 from ._segments import GroupCache, Launch, Plan, Segment, as_float, is_dense_grad, launch_tables, real_dtype
 from ._state import ParamState, TrackedState
 from .kernels import _tables
@@ -134,7 +135,7 @@ class PlansMixin:
                 isinstance(v, torch.Tensor) and v.layout != torch.strided for v in state.values()
             )
             if everyone or is_dense_grad(grad) or (state and not sparse_state):
-                members.setdefault((p.device, real_dtype(p.dtype)), []).append(i)
+                members.setdefault((p.device, real_dtype(p.dtype), self._quantizes(p)), []).append(i)
         segments = {}
         for ordinal, (key, positions) in enumerate(members.items()):
             seg = cache.segments.get(key)
@@ -160,13 +161,14 @@ class PlansMixin:
         """A segment whose flat state starts from what ``self.state`` (or a checkpoint being loaded)
         holds for its members, initialized as torch would where it holds nothing. ``place``: the
         group's index and the segment's, in the order its params first appear in the group."""
-        _, dtype = key
-        key_dtypes = self._key_dtypes(group, dtype)
+        _, dtype, quantized = key
+        key_dtypes = self._key_dtypes(group, dtype, quantized)
         fresh_keys = self._fresh_keys(group)
         stochastic = self.options["stochastic_rounding"] and dtype == torch.bfloat16
         seg = Segment(
             key, members, positions, key_dtypes, self._scalar_state, self._device_steps(group), stochastic,
             state_shape=lambda k, shape: self._state_shape(group, k, shape), row_major=self._row_major,
+            quantized=tuple(k for k in key_dtypes if quantized and k in CODES),
         )  # fmt: skip
         seg.seed = rounding_seed(self.options["rounding_seed"], *place, dtype)
         scalar_values = {k: [] for k in self._scalar_state}
@@ -177,8 +179,24 @@ class PlansMixin:
             for k in key_dtypes:
                 if not seg.has(i, k):
                     continue
-                src = source.get(k)
+                src = _source(source, k)
+                if k in seg.scales:  # 8-bit: its codes and scales, or the values quantized
+                    codes, scales = seg.region(i, k), seg.scale_region(i, k)
+                    if isinstance(src, tuple):
+                        codes.copy_(_dtensor.local(src[0]))
+                        scales.copy_(_dtensor.local(src[1]))
+                        continue
+                    if src is None and k in fresh_keys:
+                        seg.fresh.add(i)
+                        continue
+                    if src is None:
+                        src = torch.empty_like(codes, dtype=torch.float32)
+                        self._init_region(group, k, src, p)
+                    quantize_into(codes, scales, src, CODES[k])
+                    continue
                 region = seg.region(i, k)
+                if isinstance(src, tuple):  # 8-bit codes and scales into a wider state
+                    src = dequantize(*src, CODES[k])
                 if src is not None:
                     region.copy_(_dtensor.real(src.to_dense() if src.layout != torch.strided else src))
                 elif k == "master_param":
@@ -192,11 +210,11 @@ class PlansMixin:
             new = ParamState(tracker)
             for k in self._scalar_state:
                 dict.__setitem__(new, k, seg.scalars[k][i])
-            for k in key_dtypes:
-                if seg.has(i, k):
-                    dict.__setitem__(new, k, seg.view(i, k))
+            for k, v in seg.state_items(i):
+                dict.__setitem__(new, k, v)
+            replaced = {name for k in key_dtypes for name in (k, f"{k}_codes", f"{k}_scales")}
             for k, v in old.items():  # keep keys this configuration does not use
-                if k not in new:
+                if k not in new and k not in replaced:
                     dict.__setitem__(new, k, v)
             if new:  # no empty entries: torch.optim.SGD without momentum keeps no state at all
                 dict.__setitem__(self.state, p, new)
@@ -229,6 +247,14 @@ class PlansMixin:
                 row = -1 if launch.tables is None or pos in staged else j
                 where[pos] = (launch, row, (g.dtype, g.device, g.shape, g.stride()))
         return Plan(pkey, gkey, self._signature(group), launches, sparse, where)
+
+
+def _source(state: dict, key: str):
+    """What ``state`` holds for ``key``: a tensor, (codes, scales) of an 8-bit state, or None."""
+    if key in state:
+        return state[key]
+    codes, scales = state.get(f"{key}_codes"), state.get(f"{key}_scales")
+    return None if codes is None or scales is None else (codes, scales)
 
 
 def _grad_moves(plan: Plan, grads, gkey) -> list | None:

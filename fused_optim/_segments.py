@@ -19,6 +19,7 @@ import torch
 
 from . import _dtensor
 from .kernels._features import Features
+from .kernels._quant import QB
 from .kernels._tables import ALIGN, FLAG_FRESH, Tables, block_size, build_tables
 
 REAL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -80,14 +81,19 @@ class Segment:
 
     ``key_dtypes`` maps every tensor state key to its dtype (the param's, ``state_dtype``, or fp32
     for the master copy). Scalar state (step counts) lives on the host and is advanced in numpy,
-    or, with ``device_step``, on the params' device, advanced by a kernel (capturable, AMP)."""
+    or, with ``device_step``, on the params' device, advanced by a kernel (capturable, AMP).
+
+    ``quantized`` keys are 8-bit (``kernels._quant``): ``flat[key]`` holds their codes and
+    ``scales[key]`` one fp32 scale per ``QB`` elements, packed (member ``i``'s scales start at
+    ``offsets[i] // QB``; every member's numel is a multiple of QB), and ``state`` shows them as
+    ``{key}_codes`` (shaped like the param) and ``{key}_scales`` (``[shape[0], numel // shape[0] // QB]``)."""
 
     def __init__(
         self, key, members, group_index, key_dtypes: dict, scalar_keys, device_step: bool, stochastic: bool,
-        state_shape=None, row_major: bool = False,
+        state_shape=None, row_major: bool = False, quantized: tuple[str, ...] = (),
     ):  # fmt: skip
         self.key = key
-        self.device, self.dtype = key
+        self.device, self.dtype = key[:2]
         self.members = members
         self.group_index = np.asarray(group_index, dtype=np.int64)  # position of each member in the group
         self.tensor_keys = tuple(key_dtypes)
@@ -126,8 +132,13 @@ class Segment:
                 self.own_layout[k] = (np.cumsum([0, *sizes_k[:-1]], dtype=np.int64), shapes)
                 sizes[k] = sum(sizes_k)
         self.flat = {k: torch.zeros(sizes[k], dtype=dt, device=self.device) for k, dt in key_dtypes.items()}
-        # The narrowest element of the params and states sets the block size.
-        self.flat_itemsize = min([self.dtype.itemsize] + [f.dtype.itemsize for f in self.flat.values()])
+        self.quantized = tuple(quantized)
+        self.scales = {k: torch.zeros(total // QB, dtype=torch.float32, device=self.device) for k in quantized}
+        # The narrowest element of the params and states sets the block size (8-bit codes excluded:
+        # they are loaded 4 or 8 to a thread).
+        self.flat_itemsize = min(
+            [self.dtype.itemsize] + [f.dtype.itemsize for k, f in self.flat.items() if k not in self.scales]
+        )
         scalar_device = self.device if device_step else torch.device("cpu")
         self.scalars = {k: torch.zeros(len(members), dtype=scalar_dtype(), device=scalar_device) for k in scalar_keys}
         self.scalars_np = {} if device_step else {k: v.numpy() for k, v in self.scalars.items()}
@@ -164,6 +175,27 @@ class Segment:
         region = self.region(i, key)
         member = self.members[i]
         return _dtensor.like_param(torch.view_as_complex(region) if member.is_complex() else region, member)
+
+    def scale_region(self, i: int, key: str) -> torch.Tensor:
+        """Member ``i``'s scales of the 8-bit state ``key``: ``[rows, blocks per row]``."""
+        rows, row = self.shapes[i][0], int(np.prod(self.shapes[i][1:], dtype=np.int64))  # a shard may hold no row
+        return self.scales[key].narrow(0, int(self.offsets[i]) // QB, rows * row // QB).view(rows, row // QB)
+
+    def scale_view(self, i: int, key: str) -> torch.Tensor:
+        """The tensor stored as ``state[member][key + "_scales"]`` (a DTensor placed like the member)."""
+        region, member = self.scale_region(i, key), self.members[i]
+        return _dtensor.like_param(region, member, shape=(member.shape[0], region.shape[1]))
+
+    def state_items(self, i: int):
+        """(state key, tensor) of member ``i``'s per-element state, as ``state[member]`` shows it."""
+        for k in self.tensor_keys:
+            if not self.has(i, k):
+                continue
+            if k in self.scales:
+                yield f"{k}_codes", self.view(i, k)
+                yield f"{k}_scales", self.scale_view(i, k)
+            else:
+                yield k, self.view(i, k)
 
 
 @dataclass

@@ -172,7 +172,7 @@ class AdEMAMix(FusedOptimizer):
         update_step(
             algo, tables, seg.flat, param_dtype=seg.dtype, lr=lr, hyper=hyper, step_scalars=scalars,
             weight_decay=weight_decay, decoupled=decoupled, maximize=bool(group["maximize"]), features=features,
-            num_warps=self._num_warps,
+            num_warps=self._num_warps, **self._codes(seg),
         )  # fmt: skip
 
     # --- checkpoints: pytorch_optimizer keeps the step count per group -----------------------------

@@ -145,13 +145,16 @@ class Muon(FusedOptimizer):
         seg, features, tables = launch.seg, launch.features, launch.tables
         lr, momentum = as_float(group["lr"]), as_float(group["momentum"])
         buf = seg.flat["momentum_buffer"]
+        # the buffer as the update reads it: as stored, or in fp32 when 8-bit (its codes are the next step's)
+        values = torch.float32 if seg.scales else buf.dtype
         if "update" not in seg.scratch:  # the update to orthogonalize, laid out like the segment's states
-            seg.scratch["update"] = torch.zeros_like(buf)
+            seg.scratch["update"] = torch.zeros_like(buf, dtype=values)
         scratch = seg.scratch["update"]
         update_step(
             MUON_MOMENTUM, tables, {"momentum_buffer": buf, "update": scratch}, param_dtype=seg.dtype, lr=lr,
-            hyper=(1.0 - momentum, momentum), options=(bool(group["nesterov"]), triton_dtype(buf.dtype)),
+            hyper=(1.0 - momentum, momentum), options=(bool(group["nesterov"]), triton_dtype(values)),
             weight_decay=as_float(group["weight_decay"]), decoupled=True, features=features, num_warps=self._num_warps,
+            **self._codes(seg),
         )  # fmt: skip
         self._orthogonalize(group, seg, launch.rows, scratch)
         # torch's _adjust_lr, lr * ratio in float64; one value when every param's ratio is the same
@@ -206,7 +209,8 @@ class Muon(FusedOptimizer):
         for cache in self._caches.values():
             for seg in cache.segments.values():
                 n = int(seg.numels.sum())
-                total += 2 * n * seg.flat["momentum_buffer"].dtype.itemsize  # scratch: written, then read
+                scratch = 4 if seg.scales else seg.flat["momentum_buffer"].dtype.itemsize  # fp32 next to 8-bit codes
+                total += 2 * n * scratch  # scratch: written, then read
                 total += n * seg.dtype.itemsize * (1 if seg.master else 2) + (8 * n if seg.master else 0)
         return total
 

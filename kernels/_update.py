@@ -44,12 +44,13 @@ import triton.language as tl
 
 from ._features import Features, feature_args, grad_multiplier, load_grad, load_param, store_param
 from ._jit import as_ptr, compute_dtype, float_bits, hp, region, to_storage, triton_dtype
+from ._quant import CODES, QB, SQRT, dequantize, maps, quantize
 from ._tables import ROW, Tables, is_fresh, jit_kernel, launch, locate, to_device
 
 MAX_H = 6  # hyperparameter slots
 MAX_K = 4  # step-scalar slots
 MAX_O = 3  # algorithm option slots
-MASKED_PARTS = tl.constexpr(4)  # a masked block runs as this many parts (registers: see _update_kernel)
+MASKED_PARTS = 4  # a masked block runs as this many parts (registers: see _update_kernel)
 READ_ONLY = 16  # LIVE bit READ_ONLY + i: state i is loaded but not stored
 EXTRA_COLS = 3  # per-tensor table columns after the step scalars: lr, decay, step
 _H = [f"h{i}" for i in range(MAX_H)]
@@ -75,11 +76,12 @@ class Algorithm:
 
 @triton.jit
 def _block(
-    p_addr, g_addr, states, master, s_off, first, numel, fresh, g_mult, seed, lr, decay, h, k, sums,
+    p_addr, g_addr, states, scales, qmap, master, s_off, first, numel, fresh, g_mult, seed, lr, decay, h, k, sums,
     N: tl.constexpr,  # elements from ``first``
     MATH: tl.constexpr, REDUCE: tl.constexpr, N_SUMS: tl.constexpr, PHASE: tl.constexpr,
     LIVE: tl.constexpr, O0: tl.constexpr, O1: tl.constexpr, O2: tl.constexpr,
     P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, C_DTYPE: tl.constexpr,
+    QUANT: tl.constexpr, Q_SQRT: tl.constexpr, Q_FP8: tl.constexpr, Q_STOCHASTIC: tl.constexpr, QB_: tl.constexpr,
     WEIGHT_DECAY: tl.constexpr, DECOUPLED: tl.constexpr, MAXIMIZE: tl.constexpr,
     SCALE_GRAD: tl.constexpr, MASTER: tl.constexpr, STOCHASTIC: tl.constexpr,
     FULL: tl.constexpr,  # an unmasked block of 16-byte-aligned tensors: 128-bit accesses
@@ -93,10 +95,17 @@ def _block(
     g = load_grad(g_ptr, offs, mask, g_mult, C_DTYPE, SCALE_GRAD)
     ptrs = ()
     s = ()
+    if QUANT:  # 8-bit states (_quant): the scales of the blocks from ``first``
+        q_first = (s_off + first) // QB_
+        q_mask = None if FULL else first + tl.arange(0, N // QB_) * QB_ < numel
     for i in tl.static_range(len(states)):
         ptrs = ptrs + (region(states[i], s_off, FULL),)
         if (LIVE >> i) & 1:
-            s = s + (tl.load(ptrs[i] + offs, mask=mask).to(C_DTYPE),)
+            if (QUANT >> i) & 1:
+                x = dequantize(ptrs[i], scales[i], qmap, offs, mask, q_first, q_mask, N, QB_, (Q_SQRT >> i) & 1, Q_FP8)
+                s = s + (x.to(C_DTYPE),)
+            else:
+                s = s + (tl.load(ptrs[i] + offs, mask=mask).to(C_DTYPE),)
         else:
             s = s + (p,)  # placeholder: never loaded, never stored
     # The grad every algorithm starts from, in torch's order: negated if MAXIMIZE, then L2 decay
@@ -120,7 +129,13 @@ def _block(
         store_param(p_ptr, w_ptr, p, offs, mask, seed, s_off + first, N, P_DTYPE, MASTER, STOCHASTIC)
         for i in tl.static_range(len(states)):
             if ((LIVE & ~(LIVE >> 16)) >> i) & 1:  # present and not read-only (LIVE bit READ_ONLY + i)
-                tl.store(ptrs[i] + offs, to_storage(s[i], S_DTYPE), mask=mask)
+                if (QUANT >> i) & 1:
+                    quantize(
+                        ptrs[i], scales[i], qmap, s[i], offs, mask, q_first, q_mask, seed + ((i + 1) << 32),
+                        s_off + first, N, QB_, (Q_SQRT >> i) & 1, Q_FP8, Q_STOCHASTIC,
+                    )  # fmt: skip
+                else:
+                    tl.store(ptrs[i] + offs, to_storage(s[i], S_DTYPE), mask=mask)
 
 
 @jit_kernel(unspecialized=[*_H, *_K, "lr", "decay", "seed"])
@@ -128,6 +143,8 @@ def _update_kernel(
     tensor_table,  # *i64 [n, ROW]: param/grad addresses, state offset, numel, vector end, flags, member
     block_table,  # *i64 [n_blocks]: tensor index << 32 | chunk index in the tensor (BLOCKS blocks)
     states,  # tuple of flat state buffers, in the algorithm's key order (absent ones: any tensor)
+    scales,  # tuple of flat fp32 scale buffers of the quantized states (QUANT), else any tensor each
+    qmap,  # *f32 [512]: the int8 codes' dynamic maps, signed then unsigned (_quant.maps), else any tensor
     step_table,  # *f64 [n, N_K + 3]: per-tensor step scalars, lr, decay, step (PER_TENSOR_STEP), else any
     grad_scale,  # AMP: grads are divided by it (HAS_GRAD_SCALE)
     found_inf,  # AMP: nonzero skips the whole update (HAS_FOUND_INF)
@@ -159,7 +176,13 @@ def _update_kernel(
     O1: tl.constexpr,
     O2: tl.constexpr,
     P_DTYPE: tl.constexpr,  # param and grad element type
-    S_DTYPE: tl.constexpr,  # state element type
+    S_DTYPE: tl.constexpr,  # state element type (of the states that are not quantized)
+    QUANT: tl.constexpr,  # bit i set: state i is stored as 8-bit codes with block scales (_quant)
+    Q_SQRT: tl.constexpr,  # bit i set: state i has sqrt codes (else signed)
+    Q_FP8: tl.constexpr,  # the codes are float8_e4m3fn (else int8)
+    Q_STOCHASTIC: tl.constexpr,  # quantize with stochastic rounding
+    QB_: tl.constexpr,  # elements per scale
+    PARTS: tl.constexpr,  # a masked block runs as this many parts
     C_DTYPE: tl.constexpr,  # math type: fp32, or fp64 for fp64 params
     WEIGHT_DECAY: tl.constexpr,  # weight_decay != 0
     DECOUPLED: tl.constexpr,  # decay the param (AdamW-style)
@@ -212,23 +235,25 @@ def _update_kernel(
             first = start + r * BLOCK
             if first + BLOCK <= vec_end:
                 _block(
-                    p_addr, g_addr, states, master, s_off, first, numel, fresh, g_mult, rseed, lr_c, decay_c, h, k,
-                    sums, BLOCK, MATH, REDUCE, N_SUMS, PHASE, LIVE, O0, O1, O2, P_DTYPE, S_DTYPE, C_DTYPE,
-                    WEIGHT_DECAY, DECOUPLED, MAXIMIZE, scale_grad, MASTER, STOCHASTIC, True,
+                    p_addr, g_addr, states, scales, qmap, master, s_off, first, numel, fresh, g_mult, rseed, lr_c,
+                    decay_c, h, k, sums, BLOCK, MATH, REDUCE, N_SUMS, PHASE, LIVE, O0, O1, O2, P_DTYPE, S_DTYPE,
+                    C_DTYPE, QUANT, Q_SQRT, Q_FP8, Q_STOCHASTIC, QB_, WEIGHT_DECAY, DECOUPLED, MAXIMIZE, scale_grad,
+                    MASTER, STOCHASTIC, True,
                 )  # fmt: skip
             elif first < numel:
                 # A tensor's last block, or a block of a tensor whose address is not 16-byte aligned:
                 # masked scalar accesses, in parts so that they need no more registers than the full
                 # path (as one block they take up to twice as many, which then holds for the whole
                 # kernel: 130 instead of 64 for bf16 AMSGrad); parts past the tensor's end are skipped.
-                for part in tl.static_range(MASKED_PARTS):
-                    sub = first + part * (BLOCK // MASKED_PARTS)
+                # (8-bit states: 2 parts of whole blocks of QB_ elements; 4 spilled with Triton 3.9.)
+                for part in tl.static_range(PARTS):
+                    sub = first + part * (BLOCK // PARTS)
                     if sub < numel:
                         _block(
-                            p_addr, g_addr, states, master, s_off, sub, numel, fresh, g_mult, rseed, lr_c, decay_c,
-                            h, k, sums, BLOCK // MASKED_PARTS, MATH, REDUCE, N_SUMS, PHASE, LIVE, O0, O1, O2,
-                            P_DTYPE, S_DTYPE, C_DTYPE, WEIGHT_DECAY, DECOUPLED, MAXIMIZE, scale_grad, MASTER,
-                            STOCHASTIC, False,
+                            p_addr, g_addr, states, scales, qmap, master, s_off, sub, numel, fresh, g_mult, rseed, lr_c,
+                            decay_c, h, k, sums, BLOCK // PARTS, MATH, REDUCE, N_SUMS, PHASE, LIVE, O0, O1, O2,
+                            P_DTYPE, S_DTYPE, C_DTYPE, QUANT, Q_SQRT, Q_FP8, Q_STOCHASTIC, QB_, WEIGHT_DECAY,
+                            DECOUPLED, MAXIMIZE, scale_grad, MASTER, STOCHASTIC, False,
                         )  # fmt: skip
 
 
@@ -259,17 +284,23 @@ def update_step(
     features: Features,
     num_warps: int = 8,
     combine_sums=None,
+    scales: dict[str, torch.Tensor] | None = None,
+    stochastic_codes: bool = False,
 ) -> None:
     """One step of ``algo`` over a segment. ``flat`` holds the present flat state buffers (keys of
     ``algo.state_keys``), ``hyper`` the hyperparameters ``math`` reads as ``h``, ``options`` its
     constexpr options; ``step_scalars`` is the tuple of step scalars for every tensor of the
     launch or a per-tensor table (``step_table``, ``advance``). With per-tensor sums,
-    ``combine_sums(sums)`` may combine them between the two launches (across ranks)."""
+    ``combine_sums(sums)`` may combine them between the two launches (across ranks). ``scales``
+    holds the scale buffers of the states that are 8-bit (``flat`` then holds their codes; every
+    region starts at a multiple of ``QB`` elements), ``stochastic_codes`` their rounding."""
     assert len(hyper) == algo.n_hyper, (algo, hyper)
     per_tensor = isinstance(step_scalars, torch.Tensor)
     tensors, flags = feature_args(features, tables.tensor_table)
     present = [flat.get(key) for key in algo.state_keys]
-    any_state = next((s for s in present if s is not None), tables.tensor_table)
+    scales = scales or {}
+    quant = [key in scales for key in algo.state_keys]
+    any_state = next((s for s, q in zip(present, quant) if s is not None and not q), tables.tensor_table)
     sums = tables.tensor_table  # any tensor, unless the algorithm needs per-tensor sums
     if algo.n_sums:  # this step's sums, zeroed on the device (no allocation: capturable)
         if tables.sums is None:
@@ -278,6 +309,8 @@ def update_step(
         sums = tables.sums.zero_()
     args = (
         tuple(any_state if s is None else s for s in present),
+        tuple(scales.get(key, tables.tensor_table) for key in algo.state_keys),
+        maps(tables.block_table.device) if scales else tables.tensor_table,
         step_scalars if per_tensor else tables.tensor_table,
         *tensors,
         sums,
@@ -300,6 +333,7 @@ def update_step(
         **_options(options),
         "P_DTYPE": triton_dtype(param_dtype),
         "S_DTYPE": triton_dtype(any_state.dtype if any_state is not tables.tensor_table else param_dtype),
+        **_quant_constexprs(algo, flat, scales, stochastic_codes, tables.block),
         "C_DTYPE": compute_dtype(param_dtype),
         "WEIGHT_DECAY": weight_decay != 0,
         "DECOUPLED": decoupled,
@@ -311,6 +345,19 @@ def update_step(
         launch(_update_kernel, tables, args, {**constexprs, "PHASE": phase}, num_warps)
         if phase == 1 and combine_sums is not None:
             combine_sums(sums)
+
+
+def _quant_constexprs(algo: Algorithm, flat: dict, scales: dict, stochastic: bool, block: int) -> dict:
+    bits = [1 << i for i, key in enumerate(algo.state_keys) if key in scales]
+    sqrt = [1 << i for i, key in enumerate(algo.state_keys) if key in scales and CODES[key] == SQRT]
+    return {
+        "QUANT": sum(bits),
+        "Q_SQRT": sum(sqrt),
+        "Q_FP8": any(flat[key].dtype == torch.float8_e4m3fn for key in scales),
+        "Q_STOCHASTIC": stochastic and bool(scales),
+        "QB_": QB,
+        "PARTS": min(2, block // QB) if scales else MASKED_PARTS,
+    }
 
 
 def _sum_dtype(param_dtype: torch.dtype) -> torch.dtype:

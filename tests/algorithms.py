@@ -187,6 +187,7 @@ EXTENSIONS = [
     ("stochastic_rounding", False),
     ("rounding_seed", 0),
     ("state_dtype", None),
+    ("stochastic_state_rounding", False),
     ("max_grad_norm", None),
 ]
 

@@ -394,3 +394,222 @@ def docs_ddp(code: str) -> None:
     replicas = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
     dist.all_gather(replicas, flat)
     assert all(torch.equal(r, flat) for r in replicas)
+
+
+# --- 8-bit states (test_quantized_distributed.py) ----------------------------------------------------
+# Linear layers as (in, out): weights 128x128 (rows split 64/64) and 33x128 (17/16) get 8-bit
+# states; 8x33 (too small, rows not whole blocks) and the biases keep fp32 states.
+QUANT_SIZES = [(128, 128), (128, 33), (33, 8)]
+
+
+def quant_mlp(sizes=QUANT_SIZES, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    layers = [m for i, o in sizes for m in (torch.nn.Linear(i, o), torch.nn.Tanh())][:-1]
+    return torch.nn.Sequential(*layers).to(_device())
+
+
+def _shard(full: torch.Tensor, p) -> torch.Tensor:
+    """``full`` (the same whole tensor on every rank) sharded as the DTensor ``p`` is: local
+    slicing, no communication (FSDP2's rows of each rank)."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    whole = DTensor.from_local(full, p.device_mesh, [Replicate()] * p.device_mesh.ndim, run_check=False)
+    return whole.redistribute(p.device_mesh, p.placements)
+
+
+def _rows(full: torch.Tensor, p) -> torch.Tensor:
+    return _shard(full, p).to_local()
+
+
+def quant_grads(model: torch.nn.Module, step: int) -> list[torch.Tensor]:
+    """Whole grads for ``step``, the same on every rank and in every job."""
+    gen = torch.Generator().manual_seed(100 + step)
+    return [torch.randn(p.shape, generator=gen).to(_device()) for p in model.parameters()]
+
+
+def set_quant_grads(model: torch.nn.Module, step: int) -> None:
+    """The grads of ``step`` (``quant_grads``), as this rank's shards for DTensor params."""
+    for p, g in zip(model.parameters(), quant_grads(model, step)):
+        p.grad = _shard(g, p) if hasattr(p, "placements") else g
+
+
+def bits_equal(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    """The same dtype, shape and bytes (fp8 codes included, which torch.equal does not compare)."""
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, (what, actual.dtype, expected.dtype)
+    a, e = actual.detach().reshape(-1), expected.detach().reshape(-1)
+    assert torch.equal(a.view(torch.uint8), e.view(torch.uint8)), f"{what}: {(a.float() - e.float()).abs().max()}"
+
+
+def quant_state(model, opt) -> dict:
+    """{param name: {"param": p, state key: value}}, local shards of DTensors, copied to the CPU."""
+    out = {}
+    for name, p in model.named_parameters():
+        entry = {k: _local(v).detach().cpu().clone() for k, v in opt.state[p].items()}
+        entry["param"] = _local(p).detach().cpu().clone()
+        out[name] = entry
+    return out
+
+
+def compare_rows(model, opt, ref_model, ref_opt, where: str) -> None:
+    """Each FSDP2 param and state (local shards) against the same rows of the one-process ones,
+    bit for bit; state keys, dtypes, global shapes and placements the same too."""
+    for (name, p), q in zip(model.named_parameters(), ref_model.parameters()):
+        here = f"{name} {where} rank {dist.get_rank()}"
+        bits_equal(p.to_local(), _rows(q.detach(), p), here)
+        mine, theirs = opt.state[p], ref_opt.state[q]
+        assert set(mine) == set(theirs), (here, sorted(mine), sorted(theirs))
+        for key, value in theirs.items():
+            if key == "step":
+                assert float(mine[key]) == float(value), here
+                continue
+            assert mine[key].placements == p.placements and mine[key].shape == value.shape, (here, key)
+            bits_equal(mine[key].to_local(), _rows(value, p), f"{key} of {here}")
+
+
+def fsdp2_8bit_parity(state_dtype, kwargs: dict, sizes=QUANT_SIZES) -> None:
+    """fused_optim.AdamW with 8-bit states on FSDP2-sharded params against the same optimizer in
+    one process on whole params, with the same whole grads: per-element fp32 math on the same
+    dequantized states and blocks inside rows, so params, codes and scales are bit-equal, each
+    rank holding its rows. ``dequantized_state_dict`` gives the same rows too."""
+    from fused_optim._quant import MIN_NUMEL, QB, quantizes
+
+    ref_model = quant_mlp(sizes)
+    model = fsdp2(copy.deepcopy(ref_model))
+    opt = fused_optim.AdamW(model.parameters(), state_dtype=state_dtype, **kwargs)
+    ref = fused_optim.AdamW(ref_model.parameters(), state_dtype=state_dtype, **kwargs)
+    for step in range(3):
+        set_quant_grads(model, step)
+        set_quant_grads(ref_model, step)
+        opt.step()
+        ref.step()
+        opt.zero_grad()
+        ref.zero_grad()
+        compare_rows(model, opt, ref_model, ref, f"step {step + 1}")
+    for name, p in model.named_parameters():  # the 8-bit params are the ones the rule picks
+        assert ("exp_avg_codes" in opt.state[p]) == quantizes(p, state_dtype), name
+        assert ("exp_avg_codes" in opt.state[p]) == (p.dim() == 2 and p.numel() >= MIN_NUMEL and p.shape[1] % QB == 0)
+    mine, theirs = opt.dequantized_state_dict()["state"], ref.dequantized_state_dict()["state"]
+    for (index, state), p in zip(sorted(theirs.items()), model.parameters()):
+        for key, value in state.items():
+            if key != "step":
+                assert mine[index][key].placements == p.placements, (index, key)
+                bits_equal(mine[index][key].to_local(), _rows(value, p), f"dequantized {key} of param {index}")
+
+
+def _dcp_modules():
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    return dcp, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict
+
+
+def _dcp_save(model, opt, folder: str) -> None:
+    dcp, get_model, get_optim, _, _ = _dcp_modules()
+    dcp.save({"model": get_model(model), "optim": get_optim(model, opt)}, checkpoint_id=folder)
+
+
+def _dcp_restore(model, opt, folder: str) -> None:
+    dcp, get_model, get_optim, set_model, set_optim = _dcp_modules()
+    state = {"model": get_model(model), "optim": get_optim(model, opt)}
+    dcp.load(state, checkpoint_id=folder)
+    set_model(model, state["model"])
+    set_optim(model, opt, state["optim"])
+
+
+def _saved_8bit(folder: Path, state_dtype) -> None:
+    """The checkpoint holds the 8-bit weights' moments as ``state_dtype`` codes and fp32 scales
+    (``[rows, row // QB]``), not dequantized, and the other params' moments in fp32."""
+    import torch.distributed.checkpoint as dcp
+
+    from fused_optim._quant import QB
+
+    saved = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    for name, (rows, row) in {"0.weight": (128, 128), "2.weight": (33, 128)}.items():
+        for key in ("exp_avg", "exp_avg_sq"):
+            codes, scales = saved[f"optim.state.{name}.{key}_codes"], saved[f"optim.state.{name}.{key}_scales"]
+            assert codes.properties.dtype == state_dtype and codes.size == (rows, row), (name, key, codes)
+            assert scales.properties.dtype == torch.float32 and scales.size == (rows, row // QB), (name, key, scales)
+            assert f"optim.state.{name}.{key}" not in saved, (name, key)
+    for name in ("0.bias", "2.bias", "4.weight", "4.bias"):
+        assert saved[f"optim.state.{name}.exp_avg"].properties.dtype == torch.float32, name
+        assert f"optim.state.{name}.exp_avg_codes" not in saved, name
+
+
+def _gathered(folder: Path, what: str) -> dict:
+    """What the ranks of a job saved with ``quant_state`` (``{what}_rank{r}.pt``), their rows put
+    together in rank order: the whole tensors."""
+    parts = [torch.load(f, weights_only=False) for f in sorted(folder.glob(f"{what}_rank*.pt"))]
+    return {
+        name: {k: v if v.dim() == 0 else torch.cat([part[name][k] for part in parts]) for k, v in entry.items()}
+        for name, entry in parts[0].items()
+    }
+
+
+def _same_state(model, opt, expected: dict, where: str) -> None:
+    """``model``'s params and ``opt``'s state equal ``expected`` (whole tensors) bit for bit, each
+    rank holding its rows of them for DTensor params."""
+    params, actual = dict(model.named_parameters()), quant_state(model, opt)
+    assert actual.keys() == expected.keys(), where
+    for name, entry in expected.items():
+        p = params[name]
+        assert actual[name].keys() == entry.keys(), (name, where, sorted(actual[name]), sorted(entry))
+        for key, whole in entry.items():
+            value = _rows(whole.to(_device()), p).cpu() if hasattr(p, "placements") and whole.dim() else whole
+            bits_equal(actual[name][key], value, f"{key} of {name} {where} rank {dist.get_rank()}")
+
+
+def dcp_8bit_save(folder: str, state_dtype) -> None:
+    """2 ranks: FSDP2 training with 8-bit states, saved with torch.distributed.checkpoint after 3
+    steps; what each rank held then and after 2 more steps goes to files for the 1-rank job."""
+    folder = Path(folder)
+    model = fsdp2(quant_mlp())
+    opt = fused_optim.AdamW(model.parameters(), lr=0.02, weight_decay=0.1, state_dtype=state_dtype)
+    for step in range(5):
+        if step == 3:
+            _dcp_save(model, opt, str(folder / "two"))
+            torch.save(quant_state(model, opt), folder / f"saved_rank{dist.get_rank()}.pt")
+        set_quant_grads(model, step)
+        opt.step()
+        opt.zero_grad()
+    torch.save(quant_state(model, opt), folder / f"continued_rank{dist.get_rank()}.pt")
+
+
+def dcp_8bit_load_whole(folder: str, state_dtype) -> None:
+    """1 rank, unsharded model: the 2-rank checkpoint loads into a fresh 8-bit AdamW (other
+    weights, no state) as the codes and scales the 2 ranks held, gathered, bit for bit; the next 2
+    steps equal those the 2-rank job took. Then saves its own checkpoint for ``dcp_8bit_load_sharded``."""
+    folder = Path(folder)
+    model = quant_mlp(seed=7)  # other weights: all of them must come from the checkpoint
+    opt = fused_optim.AdamW(model.parameters(), lr=0.02, weight_decay=0.1, state_dtype=state_dtype)
+    _saved_8bit(folder / "two", state_dtype)
+    _dcp_restore(model, opt, str(folder / "two"))
+    _same_state(model, opt, _gathered(folder, "saved"), "loaded from 2 ranks")
+    for step in range(3, 5):
+        set_quant_grads(model, step)
+        opt.step()
+        opt.zero_grad()
+    _same_state(model, opt, _gathered(folder, "continued"), "resumed from 2 ranks")
+    _dcp_save(model, opt, str(folder / "one"))
+    torch.save(quant_state(model, opt), folder / "saved_one.pt")
+    set_quant_grads(model, 5)
+    opt.step()
+    torch.save(quant_state(model, opt), folder / "continued_one.pt")
+
+
+def dcp_8bit_load_sharded(folder: str, state_dtype) -> None:
+    """2 ranks: the 1-rank checkpoint loads into FSDP2 params, each rank holding its rows of the
+    saved codes and scales; the next step equals the one-process step, row for row."""
+    folder = Path(folder)
+    model = fsdp2(quant_mlp(seed=7))
+    opt = fused_optim.AdamW(model.parameters(), lr=0.02, weight_decay=0.1, state_dtype=state_dtype)
+    _saved_8bit(folder / "one", state_dtype)
+    _dcp_restore(model, opt, str(folder / "one"))
+    _same_state(model, opt, torch.load(folder / "saved_one.pt", weights_only=False), "loaded from 1 rank")
+    set_quant_grads(model, 5)
+    opt.step()
+    _same_state(model, opt, torch.load(folder / "continued_one.pt", weights_only=False), "resumed from 1 rank")

@@ -538,10 +538,12 @@ CODEGEN = textwrap.dedent(
                 O0=True, O1=d, O2=False, P_DTYPE=d, S_DTYPE=d, C_DTYPE=tl.float32, WEIGHT_DECAY=name == "momentum",
                 DECOUPLED=True, MAXIMIZE=False, PER_TENSOR_STEP=name == "apply", HAS_GRAD_SCALE=True,
                 HAS_FOUND_INF=True, HAS_CLIP=True, MASTER=False, STOCHASTIC=False, BLOCK=block, BLOCKS=1,
+                QUANT=0, Q_SQRT=0, Q_FP8=False, Q_STOCHASTIC=False, QB_=256, PARTS=4,
             )
             types = {"tensor_table": "*i64", "block_table": "*i64", "step_table": "*fp64", "grad_scale": "*fp32",
                      "found_inf": "*fp32", "clip_coef": "*fp32", "master": "*fp32", "sum_table": "*fp32",
-                     "states": tuple("*" + dt for _ in algo.state_keys)}
+                     "states": tuple("*" + dt for _ in algo.state_keys),
+                     "scales": tuple("*fp32" for _ in algo.state_keys), "qmap": "*fp32"}
             ptx = compile_for(_update_kernel, types, constexprs, num_warps=8).asm["ptx"]
             approx = len(re.findall(r"\\.approx(?:\\.ftz)?\\.f32|div\\.full\\.f32", ptx))
             out[f"{name}-{dt}"] = dict(vector_accesses(ptx), **ptxas_report(ptx), fp64=fp64_arithmetic(ptx))

@@ -25,6 +25,7 @@ SCRIPT = textwrap.dedent(
     from fused_optim.kernels import ALGORITHMS
     from fused_optim.kernels._inspect import compile_for, fp64_arithmetic, ptxas_report, sass_instructions
     from fused_optim.kernels._inspect import vector_accesses
+    from fused_optim.kernels._quant import CODES, QB, SQRT
     from fused_optim.kernels._tables import block_size
     from fused_optim.kernels._update import _advance_kernel, _no_reduce, _no_scalars, _same_aux, _update_kernel
 
@@ -45,17 +46,26 @@ SCRIPT = textwrap.dedent(
     for case in json.loads(sys.argv[1]):
         algo = ALGORITHMS[case["algo"]]
         dt, st = case["dtype"], case["state_dtype"]
+        codes = case["codes"]  # 8-bit states: "i8" or "fp8e4nv" codes of the keys in CODES
+        quant = [codes is not None and key in CODES for key in algo.state_keys]
         types = {"tensor_table": "*i64", "block_table": "*i64", "step_table": "*fp64", "grad_scale": "*fp32",
                  "found_inf": "*fp32", "clip_coef": "*fp32", "master": "*fp32", "sum_table": "*fp32",
-                 "states": tuple("*" + st for _ in algo.state_keys)}
+                 "states": tuple("*" + (codes if q else st) for q in quant),
+                 "scales": tuple("*fp32" for _ in algo.state_keys), "qmap": "*fp32"}
         options = case["options"] + [False] * (3 - len(case["options"]))
         block = block_size(warps, min(bytes_of[dt], bytes_of[st], 4 if case["flags"]["MASTER"] else 8))
+        quant_flags = dict(
+            QUANT=sum(1 << i for i, q in enumerate(quant) if q),
+            Q_SQRT=sum(1 << i for i, (q, key) in enumerate(zip(quant, algo.state_keys)) if q and CODES[key] == SQRT),
+            Q_FP8=codes == "fp8e4nv", Q_STOCHASTIC=case["stochastic_codes"], QB_=QB,
+            PARTS=min(2, block // QB) if codes else 4,
+        )
         constexprs = dict(
             case["flags"], MATH=algo.math, N_H=algo.n_hyper, N_K=algo.n_step, USES_FRESH=algo.uses_fresh,
             REDUCE=algo.reduce or _no_reduce, N_SUMS=algo.n_sums, PHASE=case.get("phase", 2 if algo.n_sums else 0),
             LIVE=sum(1 << i for i, key in enumerate(algo.state_keys) if key in case["states"]),
             O0=options[0], O1=options[1], O2=options[2], P_DTYPE=dtypes[dt], S_DTYPE=dtypes[st],
-            C_DTYPE=tl.float64 if dt == "fp64" else tl.float32, BLOCK=block, BLOCKS=case["blocks"],
+            C_DTYPE=tl.float64 if dt == "fp64" else tl.float32, BLOCK=block, BLOCKS=case["blocks"], **quant_flags,
         )
         constexprs["LIVE"] |= sum(1 << (16 + i) for i, key in enumerate(algo.state_keys) if key in algo.read_only)
         out[case["id"]] = report(compile_for(_update_kernel, types, constexprs, num_warps=warps))
@@ -103,16 +113,19 @@ RMS = ["square_avg", "momentum_buffer", "grad_avg"]
 
 
 def _case(algo, dtype, states, loads, stores, *, registers, options=(), label="", state_dtype=None, sqrt=True,
-          div=True, flags=None, features=OFF, blocks=1):  # fmt: skip
+          div=True, flags=None, features=OFF, blocks=1, codes=None, stochastic_codes=False):  # fmt: skip
     """One kernel variant. ``loads``/``stores``: how many arrays (param, grad, states) are read and
-    written on the full-block path. With master weights the param is written, not read, and the
-    fp32 master copy is read and written. ``registers``: (count of the per-algorithm kernel before
-    the one-kernel design, count now, the higher of the newest and the lowest supported Triton);
-    the budget is the count now plus 8, never above the count before plus 8. ``blocks``: blocks
-    per program (each unrolled block has its own accesses)."""
+    written with 128-bit accesses on the full-block path. With master weights the param is written,
+    not read, and the fp32 master copy is read and written. ``registers``: (count of the
+    per-algorithm kernel before the one-kernel design, count now, the higher of the newest and the
+    lowest supported Triton); the budget is the count now plus 8, never above the count before
+    plus 8. ``blocks``: blocks per program (each unrolled block has its own accesses). ``codes``:
+    8-bit states ("i8" or "fp8e4nv"; their codes move 4 or 8 bytes per thread, not counted in
+    ``loads``/``stores``)."""
     return {"id": f"{algo}-{dtype}{label}", "algo": algo, "dtype": dtype, "state_dtype": state_dtype or dtype,
             "states": states, "options": list(options), "flags": {**DECAY, **(flags or {}), **features},
-            "blocks": blocks, "loads": loads, "stores": stores, "sqrt": sqrt, "div": div,
+            "blocks": blocks, "loads": loads, "stores": stores, "sqrt": sqrt, "div": div, "codes": codes,
+            "stochastic_codes": stochastic_codes,
             "registers": min(registers[0], registers[1]) + 8, "registers_before": registers[0]}  # fmt: skip
 
 
@@ -312,6 +325,51 @@ CASES = [
         features=AMP_CLIP,
     ),
     _case("schedulefree_switch", "fp32", ["z"], 2, 1, registers=(26, 26), sqrt=False, div=False, flags=SF),
+    # 8-bit states (kernels/_quant.py): codes dequantized on load and requantized on store, per block of 256;
+    # int8 searches its dynamic map (8 gathers of a cached table). The masked path runs in 2 parts: in 4,
+    # ptxas (Triton 3.9) kept int8 Adam at 40 registers and spilled 8 words; in 1, bf16 Adam took 126.
+    _case("adam", "fp32", ADAM, 2, 1, registers=(64, 64), label="-int8", codes="i8", state_dtype="fp32"),
+    _case("adam", "fp32", ADAM, 2, 1, registers=(56, 56), label="-fp8", codes="fp8e4nv", state_dtype="fp32"),
+    _case("adam", "bf16", ADAM, 2, 1, registers=(80, 80), label="-int8", codes="i8", state_dtype="fp32"),
+    _case(
+        "adam",
+        "fp32",
+        ADAM,
+        2,
+        1,
+        registers=(74, 74),
+        label="-int8-sr",
+        codes="i8",
+        state_dtype="fp32",
+        stochastic_codes=True,
+    ),
+    _case(
+        "sgd",
+        "fp32",
+        ["momentum_buffer"],
+        2,
+        1,
+        registers=(48, 48),
+        options=[True, True],
+        label="-int8",
+        sqrt=False,
+        div=False,
+        codes="i8",
+        state_dtype="fp32",
+    ),
+    _case(
+        "schedulefree_adamw",
+        "fp32",
+        ["z", "exp_avg_sq"],
+        3,
+        2,
+        registers=(58, 58),
+        options=[True],
+        label="-int8",
+        codes="i8",
+        state_dtype="fp32",
+        flags=SF,
+    ),
 ]
 ELEM_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp64": 8}
 

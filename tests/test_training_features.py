@@ -259,7 +259,7 @@ def test_options_are_checked():
     with pytest.raises(ValueError, match="exclusive"):
         fused_optim.Adam(p, master_weights=True, stochastic_rounding=True)
     with pytest.raises(ValueError, match="Invalid state_dtype"):
-        fused_optim.Adam(p, state_dtype=torch.int8)
+        fused_optim.Adam(p, state_dtype=torch.int16)
     with pytest.raises(ValueError, match="Invalid max_grad_norm"):
         fused_optim.Adam(p, max_grad_norm=-1.0)
 

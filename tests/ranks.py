@@ -397,9 +397,9 @@ def docs_ddp(code: str) -> None:
 
 
 # --- 8-bit states (test_quantized_distributed.py) ----------------------------------------------------
-# Linear layers as (in, out): weights 128x128 (rows split 64/64) and 33x128 (17/16) get 8-bit
+# Linear layers as (in, out): weights 256x256 (rows split 128/128) and 33x256 (17/16) get 8-bit
 # states; 8x33 (too small, rows not whole blocks) and the biases keep fp32 states.
-QUANT_SIZES = [(128, 128), (128, 33), (33, 8)]
+QUANT_SIZES = [(256, 256), (256, 33), (33, 8)]
 
 
 def quant_mlp(sizes=QUANT_SIZES, seed: int = 0) -> torch.nn.Module:
@@ -529,7 +529,7 @@ def _saved_8bit(folder: Path, state_dtype) -> None:
     from fused_optim._quant import QB
 
     saved = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
-    for name, (rows, row) in {"0.weight": (128, 128), "2.weight": (33, 128)}.items():
+    for name, (rows, row) in {"0.weight": (256, 256), "2.weight": (33, 256)}.items():
         for key in ("exp_avg", "exp_avg_sq"):
             codes, scales = saved[f"optim.state.{name}.{key}_codes"], saved[f"optim.state.{name}.{key}_scales"]
             assert codes.properties.dtype == state_dtype and codes.size == (rows, row), (name, key, codes)

@@ -23,7 +23,7 @@ STATE_DTYPES = [
 @needs_fsdp2
 @pytest.mark.parametrize(("state_dtype", "kwargs"), STATE_DTYPES)
 def test_fsdp2_8bit_states_are_the_rows_of_the_one_process_states(state_dtype, kwargs):
-    """Weights of 128 and 33 rows (33: uneven shards), biases and a small weight with fp32 states,
+    """Weights of 256 and 33 rows (33: uneven shards), biases and a small weight with fp32 states,
     the same grads: params, codes and scales equal the one-process run's rows bit for bit."""
     d.run_ranks(d.fsdp2_8bit_parity, WORLD, state_dtype, kwargs)
 
@@ -53,14 +53,14 @@ def test_8bit_states_refuse_params_sharded_by_columns(device):
     from torch.distributed.tensor import Shard, distribute_tensor
 
     with one_rank_mesh(device) as mesh:
-        rows = torch.nn.Parameter(distribute_tensor(torch.randn(32, 128, device=device), mesh, [Shard(0)]))
-        cols = torch.nn.Parameter(distribute_tensor(torch.randn(32, 128, device=device), mesh, [Shard(1)]))
+        rows = torch.nn.Parameter(distribute_tensor(torch.randn(32, 256, device=device), mesh, [Shard(0)]))
+        cols = torch.nn.Parameter(distribute_tensor(torch.randn(32, 256, device=device), mesh, [Shard(1)]))
         opt = fused_optim.AdamW([rows], lr=0.01, state_dtype=torch.int8)
-        rows.grad = distribute_tensor(torch.randn(32, 128, device=device), mesh, [Shard(0)])
+        rows.grad = distribute_tensor(torch.randn(32, 256, device=device), mesh, [Shard(0)])
         opt.step()
         assert "exp_avg_codes" in opt.state[rows]
         opt.add_param_group({"params": [cols]})
-        cols.grad = distribute_tensor(torch.randn(32, 128, device=device), mesh, [Shard(1)])
+        cols.grad = distribute_tensor(torch.randn(32, 256, device=device), mesh, [Shard(1)])
         before = {p: p.to_local().clone() for p in (rows, cols)}
         state = {k: d._local(v).clone() for k, v in opt.state[rows].items()}
         with pytest.raises(NotImplementedError, match=r"Shard\(0\)"):

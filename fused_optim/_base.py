@@ -409,7 +409,7 @@ class FusedOptimizer(PlansMixin, FeaturesMixin, ChecksMixin, FallbackMixin, Opti
         any ``state_dtype``) loads."""
         state_dict = self.state_dict()
         for state in state_dict["state"].values():
-            for key in [k[: -len("_codes")] for k in state if k.endswith("_codes") and k[:-6] in CODES]:
+            for key in [k for k in CODES if f"{k}_codes" in state]:
                 state[key] = dequantize(state.pop(f"{key}_codes"), state.pop(f"{key}_scales"), CODES[key])
         return state_dict
 

@@ -132,7 +132,6 @@ class Segment:
                 self.own_layout[k] = (np.cumsum([0, *sizes_k[:-1]], dtype=np.int64), shapes)
                 sizes[k] = sum(sizes_k)
         self.flat = {k: torch.zeros(sizes[k], dtype=dt, device=self.device) for k, dt in key_dtypes.items()}
-        self.quantized = tuple(quantized)
         self.scales = {k: torch.zeros(total // QB, dtype=torch.float32, device=self.device) for k in quantized}
         # The narrowest element of the params and states sets the block size (8-bit codes excluded:
         # they are loaded 4 or 8 to a thread).

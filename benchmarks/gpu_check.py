@@ -13,7 +13,8 @@ ends, so a call cut short keeps what ran, and ``--parts`` reruns only some:
 * ``large``: one bf16 tensor of more than 2^31 elements, two AdamW steps, checked chunk by chunk
   against torch's fp32 arithmetic rounded to bf16 (64-bit offsets, the last elements included).
 * ``bench``: the benchmark workloads (``python -m benchmarks``), one subprocess each, merged in
-  ``DIR/results.json``.
+  ``DIR/results.json``; then the host cost at 1,000 and 10,000 tensors and under FSDP2
+  (``python -m benchmarks.host``, ``DIR/host.json``).
 * ``summary``: one line per target of ``benchmarks/RESULTS.md``: met, or missed by how much.
 
 ``--dry-run`` runs every part on CPU through Triton's interpreter on tiny sizes (CI does, so the
@@ -151,7 +152,16 @@ def part_bench(args, timeout: float) -> tuple[bool, str]:
         rc, _ = _run(cmd, left, args.dry_run, args.log)
         lines.append(f"{workload}: {'done' if rc == 0 else f'failed ({rc})'}")
         ok &= rc == 0
-    return ok, "\n".join(lines)
+    # the host cost at scale and under FSDP2 (gloo on CPU), benchmarks/host.py
+    left = deadline - time.monotonic()
+    host = ["--tensors", "100", "--fsdp-params", "20", "--calls", "3"] if args.dry_run else []
+    if left < 5:
+        lines.append("host (benchmarks.host): not run, out of time")
+        return False, "\n".join(lines)
+    rc, _ = _run([sys.executable, "-m", "benchmarks.host", *host, "--out", str(args.out / "host.json")], left,
+                 args.dry_run, args.log)  # fmt: skip
+    lines.append(f"host (benchmarks.host): {'done' if rc == 0 else f'failed ({rc})'}")
+    return ok and rc == 0, "\n".join(lines)
 
 
 def part_summary(args, timeout: float) -> tuple[bool, str]:
@@ -160,6 +170,13 @@ def part_summary(args, timeout: float) -> tuple[bool, str]:
     except (OSError, ValueError) as err:
         return False, f"no results.json: {err}"
     lines = targets(results["rows"])
+    try:
+        from benchmarks.host import targets as host_targets
+
+        host = json.loads((args.out / "host.json").read_text())
+        lines += [f"{t}: {'met' if met else 'missed'}; {m}" for t, met, m in host_targets(host["rows"])]
+    except (OSError, ValueError) as err:
+        lines.append(f"host cost (benchmarks.host): not measured ({err})")
     if not results.get("meta", {}).get("performance_figures"):
         lines.insert(0, "not performance figures (no CUDA): the checks below only prove the summary runs")
     (args.out / "summary.txt").write_text("\n".join(lines) + "\n")

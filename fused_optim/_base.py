@@ -340,8 +340,10 @@ class FusedOptimizer(PlansMixin, FeaturesMixin, ChecksMixin, FallbackMixin, Opti
         """For per-tensor sums (LAMB's norms) of DTensor params: a function that adds up each sharded
         param's sums over the ranks that shard it, so that they are the whole tensor's; None when
         the launch holds no sharded param."""
+        if not self._algorithm.n_sums:
+            return None
         classes = [launch.seg.norm_classes[i] for i in launch.rows.tolist()]
-        if not self._algorithm.n_sums or all(c is None for c in classes):
+        if all(c is None for c in classes):
             return None  # (params with Partial placements were refused by _validate)
 
         def combine(sums: torch.Tensor) -> None:

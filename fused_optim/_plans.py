@@ -20,6 +20,7 @@ from ._state import ParamState, TrackedState
 from .kernels import _tables
 
 _data_ptr = torch.Tensor.data_ptr
+_no_subclass_dispatch = torch._C.DisableTorchFunctionSubclass
 
 
 class PlansMixin:
@@ -29,18 +30,18 @@ class PlansMixin:
         """A checked plan for every group, rebuilt where the cache misses: [(plan, grads, pkey, gkey)]."""
         if not isinstance(self.state, TrackedState) or self.state._tracker is not self._tracker:
             self._reset_engine()  # the state container itself was replaced
-        moves = []  # (plan, gkey, [(launch, rows, addresses)]): grads that moved, applied below
+        moves = []  # (plan, gkey, what _grad_moves returned): grads that moved, applied below
         work = [self._prepare(i, group, moves) for i, group in enumerate(self.param_groups)]
         rebuild = self._tracker.dirty or any(plan is None for plan, _, _, _ in work)
         capture = _tables.capturing()
         if capture:
             self._check_capture(rebuild)  # before anything changes
         moved = {}
-        for plan, gkey, launch_moves in moves:
+        for plan, gkey, (launch_moves, gkey_array) in moves:
             for launch, rows, addrs in launch_moves:
                 _tables.repoint_grads(launch.tables, rows, addrs)
                 moved[id(launch.tables)] = launch.tables
-            plan.gkey = gkey
+            plan.gkey, plan.gkey_array = gkey, gkey_array
         if rebuild:
             self._rebuild(work)
         for plan, *_ in work:
@@ -84,21 +85,14 @@ class PlansMixin:
         misses. Grads that moved since the plan was made are added to ``moves``, not applied."""
         self._check_options(group)
         params = group["params"]
-        grads = [p.grad for p in params]
-        try:
-            pkey = tuple(map(_data_ptr, params))
-        except RuntimeError:
-            pkey = None
-        if pkey is not None and 0 in pkey:  # a DTensor (its data_ptr is 0), or an empty tensor
-            pkey = tuple(_data_ptr(_dtensor.local(p)) for p in params)
-            grads = [None if g is None else _dtensor.local(g) for g in grads]
+        cache = self._caches.get(index)
+        plan = cache.plan if cache is not None and cache.group is group else None
+        pkey, grads = _shards(params, plan.pkey if plan is not None and plan.plain else None)
         try:
             gkey = tuple(map(_data_ptr, grads))  # fails on a None or sparse grad
         except (TypeError, RuntimeError):
             # -2: no grad (an empty grad's address is 0), -1: sparse
             gkey = tuple(-2 if g is None else -1 if g.layout != torch.strided else g.data_ptr() for g in grads)
-        cache = self._caches.get(index)
-        plan = cache.plan if cache is not None and cache.group is group else None
         if plan is not None and not self._tracker.dirty and plan.pkey == pkey and plan.keys == self._signature(group):
             if plan.gkey == gkey:
                 return plan, grads, pkey, gkey
@@ -236,17 +230,27 @@ class PlansMixin:
             launches.append(launch)
         # Sparse grads (where the algorithm allows them) take torch's own code, param by param.
         sparse = [i for i, g in enumerate(grads) if g is not None and g.layout != torch.strided]
-        # For grads that move later (_regrad): each position's launch, its row in the tensor table
-        # (-1: staged or no table) and the metadata of the grad this plan was checked with.
-        where = {}
-        for launch in launches:
+        # For grads that move later (_grad_moves): each position's launch and its row in the tensor
+        # table (-1: staged or no table), and the metadata of the grad this plan was checked with.
+        launch_of = np.full(len(grads), -1, dtype=np.int64)
+        row_of = np.full(len(grads), -1, dtype=np.int64)
+        meta = [None] * len(grads)
+        for index, launch in enumerate(launches):
             staged = {pos for pos, _ in launch.stage_grads}
-            for j, i in enumerate(launch.rows.tolist()):
-                pos = int(launch.seg.group_index[i])
+            positions = launch.seg.group_index[launch.rows]
+            launch_of[positions] = index
+            if launch.tables is not None:
+                row_of[positions] = np.where(np.isin(positions, list(staged)), -1, np.arange(len(positions)))
+            for pos in positions.tolist():
                 g = grads[pos]
-                row = -1 if launch.tables is None or pos in staged else j
-                where[pos] = (launch, row, (g.dtype, g.device, g.shape, g.stride()))
-        return Plan(pkey, gkey, self._signature(group), launches, sparse, where)
+                meta[pos] = (g.dtype, g.device, g.shape, g.stride())
+        return Plan(
+            pkey, gkey, np.asarray(gkey, dtype=np.int64), self._signature(group), launches, sparse,
+            launch_of=launch_of, row_of=row_of, meta=meta,
+            guards=grad_guards(grads) if all(m is not None for m in meta) else None,
+            plain=pkey is not None and 0 not in pkey,
+            direct=len(launches) == 1 and launches[0].tables is not None and (row_of == np.arange(len(grads))).all(),
+        )  # fmt: skip
 
 
 def _source(state: dict, key: str):
@@ -257,31 +261,90 @@ def _source(state: dict, key: str):
     return None if codes is None or scales is None else (codes, scales)
 
 
-def _grad_moves(plan: Plan, grads, gkey) -> list | None:
+def _shards(params, plain_key: tuple | None = None) -> tuple[tuple | None, list]:
+    """The params' storage key (their local shards' addresses; None where one has no storage) and
+    their grads as the kernels read them (local shards of DTensor grads). ``plain_key``: the cached
+    plan's key when its params are plain tensors with storage; an equal key needs no DTensor look."""
+    with _no_subclass_dispatch():  # a DTensor's attributes, without its __torch_function__
+        grads = [p.grad for p in params]
+    if params and _dtensor.is_dtensor(params[0]):
+        try:  # a group of DTensor params with DTensor grads (FSDP2): read in bulk
+            pkey = tuple(map(_data_ptr, [p._local_tensor for p in params]))
+            return pkey, [g._local_tensor for g in grads]
+        except AttributeError:  # a plain param or a missing grad among them: one by one
+            pass
+    try:
+        pkey = tuple(map(_data_ptr, params))
+    except RuntimeError:
+        pkey = None
+    if pkey is not None and pkey != plain_key and 0 in pkey:  # a DTensor (data_ptr 0), or an empty tensor
+        pkey = tuple(_data_ptr(_dtensor.local(p)) for p in params)
+        grads = [None if g is None else _dtensor.local(g) for g in grads]
+    return pkey, grads
+
+
+def _grad_moves(plan: Plan, grads, gkey) -> tuple[list, np.ndarray] | None:
     """The cached plan with only grad storage changed (autograd allocated new grads, as after
-    ``zero_grad(set_to_none=True)`` when the allocator hands out other addresses): the tables'
-    rows to point at the new grads, [(launch, rows, addresses)]; the rest is kept. Each moved grad
-    must match the one the plan was checked with in dtype, device, shape and strides, so every
-    check and layout decision still holds. Otherwise (a grad appeared, vanished, turned sparse or
-    changed) None: the full check then runs and raises where torch would."""
-    old = plan.gkey
-    if len(old) != len(gkey):
+    ``zero_grad(set_to_none=True)`` when the allocator hands out other addresses; FSDP2's
+    reduce-scatter outputs at every step): the tables' rows to point at the new grads,
+    [(launch, rows, addresses)], and ``gkey`` as an array; the rest is kept. Every grad must match
+    the one the plan was checked with in dtype, device, shape and strides, so every check and
+    layout decision still holds. Otherwise (a grad appeared, vanished, turned sparse or changed)
+    None: the full check then runs and raises where torch would."""
+    if len(gkey) != len(plan.gkey):
         return None
-    moved: dict = {}  # id(launch) -> (launch, [row], [new address])
-    for i, (a, b) in enumerate(zip(old, gkey)):
-        if a == b:
-            continue
-        if a <= 0 or b <= 0:  # -2: no grad, -1: sparse, 0: empty
-            return None
-        launch, j, meta = plan.where[i]
-        g = grads[i]
-        if g.dtype != meta[0] or g.device != meta[1] or g.shape != meta[2] or g.stride() != meta[3]:
-            return None
-        if launch.tables is None or j < 0:
-            continue  # torch's implementation, or a staging copy, reads the grad where it is now
-        entry = moved.setdefault(id(launch), (launch, [], []))
-        entry[1].append(j)
-        entry[2].append(b)
-    return [
-        (launch, np.asarray(rows, dtype=np.int64), np.asarray(a, dtype=np.int64)) for launch, rows, a in moved.values()
-    ]
+    old, new = plan.gkey_array, np.asarray(gkey, dtype=np.int64)
+    changed = np.flatnonzero(old != new)
+    # the C++ check first; where it says no (or inside a TorchDispatchMode, whose dispatch key it
+    # sees), the exact check one grad at a time decides
+    if not (plan.guards is not None and plan.guards(*grads)) and not _same_grads(plan, grads, changed, old, new):
+        return None
+    if plan.direct:  # one launch, whose table rows are the group's positions in order
+        return [(plan.launches[0], changed, new[changed])], new
+    moves = []
+    for index, launch in enumerate(plan.launches):
+        at = changed[plan.launch_of[changed] == index]
+        rows = plan.row_of[at]
+        table = rows >= 0  # torch's implementation, or a staging copy, reads the grad where it is now
+        if table.any():
+            moves.append((launch, rows[table], new[at[table]]))
+    return moves, new
+
+
+def _same_grads(plan: Plan, grads, changed: np.ndarray, old: np.ndarray, new: np.ndarray) -> bool:
+    """``_grad_moves``' check, one moved grad at a time."""
+    if (old[changed] <= 0).any() or (new[changed] <= 0).any():  # -2: no grad, -1: sparse, 0: empty
+        return False
+    for i in changed.tolist():
+        g, meta = grads[i], plan.meta[i]
+        if meta is None or (g.dtype, g.device, g.shape, g.stride()) != meta:
+            return False
+    return True
+
+
+def _tensor_guards():
+    """TorchDynamo's C++ tensor check (``TensorGuards``: dispatch keys, dtype, device, shape and
+    strides of many tensors in one call), if this torch has it and it answers as expected."""
+    try:
+        from torch._C._dynamo.guards import TensorGuards
+
+        a = torch.zeros(4)
+        check = TensorGuards(a, dynamic_dims_sizes=[[4]], dynamic_dims_strides=[[1]]).check
+        others = (torch.zeros(5), torch.zeros(4, dtype=torch.float64), torch.zeros(8)[::2], None)
+        if check(torch.ones(4)) and not any(check(t) for t in others):
+            return TensorGuards
+    except (ImportError, AttributeError, TypeError, RuntimeError):
+        pass
+    return None
+
+
+_TensorGuards = _tensor_guards()
+
+
+def grad_guards(grads):
+    """A function telling, in one C++ call, whether its arguments have the dtype, device, shape
+    and strides of ``grads`` (dense tensors); None where torch lacks the check."""
+    if _TensorGuards is None:
+        return None
+    sizes, strides = [list(g.shape) for g in grads], [list(g.stride()) for g in grads]
+    return _TensorGuards(*grads, dynamic_dims_sizes=sizes, dynamic_dims_strides=strides).check

@@ -256,12 +256,25 @@ def launch_tables(launch: Launch, grads, num_warps: int, blocks: int) -> Tables:
 
 @dataclass
 class Plan:
-    pkey: tuple
-    gkey: tuple
-    keys: tuple
+    """A group's launches, and what ``_plans._grad_moves`` needs to repoint them at new grads."""
+
+    pkey: tuple  # the params' (local) addresses
+    gkey: tuple  # the grads' addresses (-2: no grad, -1: sparse)
+    gkey_array: np.ndarray  # the same, as an array
+    keys: tuple  # the group's signature
     launches: list
     sparse: list  # group positions of params with sparse grads this step
-    where: dict = field(default_factory=dict)  # group position -> (launch, row in its tables, grad metadata)
+    # Per group position: its launch's index (-1: none), its row in the launch's tensor table (-1:
+    # a staged grad, or no table) and its grad's (dtype, device, shape, strides), or None.
+    launch_of: np.ndarray | None = None
+    row_of: np.ndarray | None = None
+    meta: list = field(default_factory=list)
+    # ``guards(*grads)``: True when the grads have the metadata of this plan's (one C++ call; a
+    # False is checked again with ``meta``); None where a grad was missing or sparse, or torch
+    # lacks the check.
+    guards: object = None
+    plain: bool = False  # ``pkey`` holds the addresses of plain tensors, none 0 (``_plans._shards``)
+    direct: bool = False  # one launch, whose table row j is group position j
 
 
 class GroupCache:

@@ -8,6 +8,7 @@ grad by the clamped coefficient, and fused_optim still applies it in the kernel)
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 
 import torch
@@ -24,6 +25,7 @@ class Recipe:
     fused_kwargs: dict = field(default_factory=dict)  # fused_optim's extra arguments
     torch_note: str = ""  # how torch's recipe differs in what it computes, when it does
     extra_grad_reads: int = 0  # grad passes of fused_optim beyond the update (the clip's norm)
+    others: tuple[str, ...] = ()  # other libraries' optimizers for the same thing, side by side
 
 
 RECIPES = {
@@ -33,6 +35,16 @@ RECIPES = {
     "bf16 states": Recipe(torch.float32, {"state_dtype": torch.bfloat16}, "torch keeps fp32 states"),
     "stochastic bf16": Recipe(torch.bfloat16, {"stochastic_rounding": True}, "torch rounds to nearest"),
     "capturable": Recipe(torch.float32, {"capturable": True}),
+    # params as rows of whole 256-element blocks (``workloads.block_rows``), so every one has 8-bit states
+    "int8 states": Recipe(torch.float32, {"state_dtype": torch.int8}, "torch keeps fp32 states", 0,
+                          ("torchao AdamW8bit", "bitsandbytes AdamW8bit")),
+    "fp8 states": Recipe(torch.float32, {"state_dtype": torch.float8_e4m3fn}, "torch keeps fp32 states", 0,
+                         ("torchao AdamWFp8",)),
+}  # fmt: skip
+OTHERS = {  # (module, class, what it is)
+    "torchao AdamW8bit": ("torchao.optim", "AdamW8bit", "torchao: blocks of 256, dynamic map of v, per param"),
+    "torchao AdamWFp8": ("torchao.optim", "AdamWFp8", "torchao: blocks of 256, e4m3 of v, per param"),
+    "bitsandbytes AdamW8bit": ("bitsandbytes.optim", "AdamW8bit", "bitsandbytes: blockwise dynamic map, per param"),
 }
 PROVIDERS = ("fused_optim", "torch fused", "torch foreach")
 
@@ -41,6 +53,9 @@ def step_fn(recipe_name: str, provider: str, params: list[torch.Tensor]):
     """A callable that runs one step of the recipe with ``provider`` on ``params`` (grads set)."""
     recipe = RECIPES[recipe_name]
     device = params[0].device
+    if provider in recipe.others:
+        module, name, _ = OTHERS[provider]
+        return getattr(importlib.import_module(module), name)(params, **ADAMW).step
     if provider == "fused_optim":
         opt = fused_optim.AdamW(params, **ADAMW, **recipe.fused_kwargs)
         if recipe_name == "AMP":
@@ -92,3 +107,16 @@ def bytes_per_step(recipe_name: str, probe: fused_optim.FusedOptimizer) -> int:
     recipe = RECIPES[recipe_name]
     grad_bytes = sum(p.numel() * p.element_size() for g in probe.param_groups for p in g["params"])
     return probe.bytes_per_step() + recipe.extra_grad_reads * grad_bytes
+
+
+def state_bytes(opt: torch.optim.Optimizer) -> int:
+    """Bytes of ``opt.state``'s tensors, a tensor subclass (torchao's 8-bit states) counted by the
+    tensors it is made of."""
+    total = 0
+    for state in opt.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor):
+                inner = value.__tensor_flatten__()[0] if hasattr(value, "__tensor_flatten__") else None
+                parts = [getattr(value, name) for name in inner] if inner else [value]
+                total += sum(t.numel() * t.element_size() for t in parts)
+    return total

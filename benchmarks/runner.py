@@ -82,6 +82,7 @@ class Row:
     host_us: float | None = None
     host_us_new_grads: float | None = None
     ns_ms: float | None = None  # muon: median_ms minus the median with Newton-Schulz skipped
+    state_bytes_per_param: float | None = None  # features: the optimizer's state memory (step counts included)
     note: str = ""
 
 
@@ -200,7 +201,7 @@ def measure(point: Point, name: str, providers, device, dtype: str, compile_max_
     recipe = features.RECIPES.get(name) if point.workload == "features" else None
     if recipe is not None:
         dtype = next(k for k, v in DTYPES.items() if v == recipe.dtype)
-        providers = [p for p in features.PROVIDERS if p in providers]
+        providers = [p for p in features.PROVIDERS if p in providers] + list(recipe.others)
     params = _params(point.shapes_for(name), device, DTYPES[dtype])
     if recipe is not None:
         probe = fused_optim.AdamW(params, **features.ADAMW, **recipe.fused_kwargs)
@@ -236,7 +237,9 @@ def measure(point: Point, name: str, providers, device, dtype: str, compile_max_
         try:
             if recipe is not None:
                 step = features.step_fn(name, provider, params)
-                row.note = recipe.torch_note if provider != "fused_optim" else ""
+                row.note = "" if provider == "fused_optim" else recipe.torch_note
+                if provider in recipe.others:
+                    row.note = features.OTHERS[provider][2]
             elif provider == "torch.compile" and len(params) > compile_max_tensors:
                 row.note = f"not run: {len(params)} tensors > --compile-max-tensors {compile_max_tensors}"
                 rows.append(row)
@@ -256,6 +259,8 @@ def measure(point: Point, name: str, providers, device, dtype: str, compile_max_
                         row.host_us_new_grads = host_time_us(step, device, calls, before=_grad_swapper(params))
             else:
                 row.median_ms, row.p20_ms, row.p80_ms = device_time_ms(step, device)
+                if recipe is not None and isinstance(getattr(step, "__self__", None), torch.optim.Optimizer):
+                    row.state_bytes_per_param = features.state_bytes(step.__self__) / point.n_params
                 row.gbps = n_bytes / (row.median_ms * 1e-3) / 1e9
                 row.pct_of_copy = 100 * row.gbps / ceiling
                 if point.workload in MUON_WORKLOADS and provider in ("fused_optim", "torch for-loop"):
@@ -320,7 +325,8 @@ def _print_rows(rows: list[Row]) -> None:
             continue
         print(f"{head}   copy {case[0].copy_gbps:8.1f} GB/s")
         ns = any(r.ns_ms is not None for r in case)
-        extra = f"{'NS ms':>10}" if ns else ""
+        memory = any(r.state_bytes_per_param is not None for r in case)
+        extra = f"{'NS ms':>10}" if ns else f"{'state B/param':>14}" if memory else ""
         columns = f"{'ms/step':>10}{extra}{'GB/s':>10}{'% copy':>9}{'fused speedup':>15}{'compile s':>11}"
         width = max(16, *(len(r.provider) + 1 for r in case))  # reference labels name their package
         print(f"      {'provider':<{width}}{columns}")
@@ -332,6 +338,8 @@ def _print_rows(rows: list[Row]) -> None:
             ratio = f"{r.median_ms / fused.median_ms:14.2f}x" if fused and fused.median_ms else ""
             comp = f"{r.compile_s:11.1f}" if r.compile_s is not None else ""
             share = (f"{r.ns_ms:10.4f}" if r.ns_ms is not None else f"{'-':>10}") if ns else ""
+            if memory:
+                share = f"{r.state_bytes_per_param:14.2f}" if r.state_bytes_per_param is not None else f"{'-':>14}"
             timing = f"{r.median_ms:10.4f}{share}{r.gbps:10.1f}{r.pct_of_copy:8.1f}%"
             print(f"      {r.provider:<{width}}{timing}{ratio:>15}{comp:>11}{note}")
 

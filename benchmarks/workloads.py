@@ -30,6 +30,7 @@ ALGORITHMS: dict[str, dict] = {
 # Algorithms whose tensors in the algorithms workload (and the parity table) are matrices of the
 # same sizes as the others' vectors: Adafactor factors the second moment of a matrix only.
 MATRIX_ALGORITHMS = {"Adafactor"}
+BLOCK_ROW_RECIPES = {"int8 states", "fp8 states"}  # features recipes on rows of whole 8-bit blocks
 
 
 @dataclass
@@ -47,6 +48,8 @@ class Point:
 
     def shapes_for(self, algorithm: str) -> list[tuple[int, ...]]:
         """The shapes ``algorithm`` runs on: matrices of the same sizes for ``MATRIX_ALGORITHMS``."""
+        if algorithm in BLOCK_ROW_RECIPES:
+            return block_rows(self.shapes)
         return matrices(self.shapes) if algorithm in MATRIX_ALGORITHMS else self.shapes
 
 
@@ -72,6 +75,12 @@ def matrices(shapes) -> list[tuple[int, ...]]:
         rows = max((r for r in range(1, int(n**0.5) + 1) if n % r == 0), default=1)
         out.append((rows, n // rows) if i % 2 == 0 else (n // rows, rows))
     return out
+
+
+def block_rows(shapes, row: int = 1024) -> list[tuple[int, ...]]:
+    """Each shape as rows of ``row`` elements (a whole number of 256-element blocks of 8-bit states)."""
+    assert all(_numel(s) % row == 0 for s in shapes), shapes
+    return [(_numel(s) // row, row) for s in shapes]
 
 
 def size_sweep(exponents, tensors: int = 64) -> list[Point]:
@@ -145,7 +154,7 @@ def plan(cuda: bool, quick: bool) -> dict[str, list[Point]]:
             Point("models", "Llama-like, tiny", llama(n_layer=2, hidden=32, intermediate=64, kv_dim=8, vocab=256), 0),
         ],
         "algorithms": [Point("algorithms", "2^12 params / 4 tensors", split(2**12, 4), 2**12)],
-        "features": [Point("features", "2^12 params / 4 tensors", split(2**12, 4), 2**12)],
+        "features": [Point("features", "2^14 params / 4 tensors", split(2**14, 4), 2**14)],  # 8-bit: >= 4,096 each
         "host": [Point("host", "1,000 tensors of 16", split(1000 * 16, 1000), 1000)],
         "muon": [_muon(4, 16, "GPT-2-like blocks, tiny")],
     }
@@ -157,7 +166,16 @@ WORKLOAD_ALGORITHMS = {
     "counts": ["Adam", "AdamW", "SGD"],
     "models": ["AdamW"],
     "algorithms": [a for a in ALGORITHMS if a != "Muon"],  # Muon: 2-D params only, its own workload
-    "features": ["AMP", "clip", "master bf16", "bf16 states", "stochastic bf16", "capturable"],  # AdamW recipes
+    "features": [
+        "AMP",
+        "clip",
+        "master bf16",
+        "bf16 states",
+        "stochastic bf16",
+        "capturable",
+        "int8 states",
+        "fp8 states",
+    ],  # AdamW recipes
     "host": ["Adam", "AdamW", "SGD"],
     "muon": ["Muon"],  # torch's per-param loop against batched Newton-Schulz (torch >= 2.9)
 }

@@ -52,13 +52,26 @@ def test_runner_end_to_end_on_cpu(tmp_path):
     graph = [r for r in host if r["provider"] == "fused_optim graph"]
     assert graph and all(r["host_us"] is None and "CUDA graphs need CUDA" in r["note"] for r in graph)
     # AdamW with a training feature: bytes per param of the fused update (+ the clip's grad read)
-    per_param = {"AMP": 28, "clip": 32, "master bf16": 28, "bf16 states": 20, "stochastic bf16": 14, "capturable": 28}
+    per_param = {
+        "AMP": 28,
+        "clip": 32,
+        "master bf16": 28,
+        "bf16 states": 20,
+        "stochastic bf16": 14,
+        "capturable": 28,
+        "int8 states": 16 + 16 / 256,
+        "fp8 states": 16 + 16 / 256,
+    }  # fmt: skip (8-bit: 2 fp32 scales / 256)
     recipes = [r for r in rows if r["workload"] == "features"]
     assert {r["algorithm"] for r in recipes} == set(per_param)
     for r in recipes:
         assert r["bytes_per_step"] == per_param[r["algorithm"]] * r["n_params"], r
         if r["provider"] == "fused_optim":
             assert r["median_ms"] > 0 and r["gbps"] > 0, r
+        states = {"int8 states": 2 + 8 / 256, "fp8 states": 2 + 8 / 256, "bf16 states": 4}.get(r["algorithm"])
+        if states and r["provider"] in ("fused_optim", "torch fused"):  # the state memory (+ step counts)
+            expected = states if r["provider"] == "fused_optim" else 8
+            assert abs(r["state_bytes_per_param"] - expected) < 0.01, r
     for name in ("results.csv", "sizes.png", "counts.png"):
         assert (tmp_path / name).stat().st_size > 0, name
 

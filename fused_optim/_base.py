@@ -292,6 +292,31 @@ class FusedOptimizer(PlansMixin, FeaturesMixin, ChecksMixin, FallbackMixin, Opti
         self._step_count += 1
         return loss
 
+    def _step_with_group_counters(self, closure, grad_scale, found_inf, advance, commit):
+        """``step()`` of an algorithm whose counters live in its param groups on the host, as its
+        reference keeps them (ScheduleFreeAdamW's ``k``, StableAdamW's ``step``). AMP's
+        ``found_inf`` is read on the host, and a skipped step advances nothing. ``advance(group)``
+        returns (the group's step scalars, which ``_host_step_scalars`` reads back from
+        ``self._group_scalars``, and what ``commit(group, it)`` then writes into the group, with
+        or without grads)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        found_inf = found_inf if found_inf is not None else getattr(self, "found_inf", None)
+        if found_inf is not None and bool(found_inf):  # as GradScaler skips the reference's step()
+            self._pending_clip = None
+            return loss
+        advanced = [advance(group) for group in self.param_groups]
+        self._group_scalars = {id(group): scalars for group, (scalars, _) in zip(self.param_groups, advanced)}
+        try:
+            FusedOptimizer.step(self, grad_scale=grad_scale, found_inf=found_inf)
+        finally:
+            self._group_scalars = {}
+        for group, (_, entries) in zip(self.param_groups, advanced):
+            commit(group, entries)
+        return loss
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         self._pending_clip = None  # a clip coefficient belongs to the grads it was computed on
         super().zero_grad(set_to_none)

@@ -199,23 +199,8 @@ class ScheduleFreeAdamW(FusedOptimizer):
         """
         if not self.param_groups[0]["train_mode"]:
             raise RuntimeError(_NOT_IN_TRAIN_MODE)
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        found_inf = found_inf if found_inf is not None else getattr(self, "found_inf", None)
-        if found_inf is not None and bool(found_inf):  # as GradScaler skips the reference's step()
-            self._pending_clip = None
-            return loss
-        advanced = [self._advance_group(group) for group in self.param_groups]
-        self._group_scalars = {id(group): scalars for group, (scalars, _) in zip(self.param_groups, advanced)}
-        try:
-            super().step(grad_scale=grad_scale, found_inf=found_inf)
-        finally:
-            self._group_scalars = {}
-        for group, (_, entries) in zip(self.param_groups, advanced):  # k advances with or without grads
-            group.update(entries)
-        return loss
+        # k advances with or without grads
+        return self._step_with_group_counters(closure, grad_scale, found_inf, self._advance_group, dict.update)
 
     @torch.no_grad()
     def eval(self) -> None:

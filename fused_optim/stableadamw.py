@@ -288,27 +288,20 @@ class StableAdamW(FusedOptimizer):
             found_inf (Tensor, optional): AMP: when nonzero the step is skipped, group step counts
                 included (read on the host: the step counts are host values, as in optimi).
         """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        found_inf = found_inf if found_inf is not None else getattr(self, "found_inf", None)
-        if found_inf is not None and bool(found_inf):  # as GradScaler skipping optimi's step()
-            self._pending_clip = None
-            return loss
-        steps = [int(group["step"]) + 1 if group.get("setup") and "step" in group else 1 for group in self.param_groups]
-        self._group_scalars = {}
-        for group, step in zip(self.param_groups, steps):
-            beta1_hat = debias_beta(as_float(group["beta1"]), step)
-            beta2_hat = debias_beta(as_float(group["beta2"]), step)
-            self._group_scalars[id(group)] = (step, (1 - beta1_hat, beta2_hat, 1 - beta2_hat))
-        try:
-            super().step(grad_scale=grad_scale, found_inf=found_inf)
-        finally:
-            self._group_scalars = {}
-        for group, step in zip(self.param_groups, steps):  # with or without grads, as optimi's step.add_(1)
-            if step == 1:
-                group["setup"] = True
-                group["step"] = torch.tensor(0, dtype=torch.int32)
-            group["step"].add_(1)
-        return loss
+        return self._step_with_group_counters(closure, grad_scale, found_inf, self._advance_group, self._commit_group)
+
+    @staticmethod
+    def _advance_group(group) -> tuple[tuple, int]:
+        """((the step, the debiased betas' scalars), the step) of this step, as optimi computes them."""
+        step = int(group["step"]) + 1 if group.get("setup") and "step" in group else 1
+        beta1_hat = debias_beta(as_float(group["beta1"]), step)
+        beta2_hat = debias_beta(as_float(group["beta2"]), step)
+        return (step, (1 - beta1_hat, beta2_hat, 1 - beta2_hat)), step
+
+    @staticmethod
+    def _commit_group(group, step: int) -> None:
+        """The group's step count advances with or without grads, as optimi's ``step.add_(1)``."""
+        if step == 1:
+            group["setup"] = True
+            group["step"] = torch.tensor(0, dtype=torch.int32)
+        group["step"].add_(1)

@@ -123,3 +123,36 @@ def test_fsdp2_steps_read_local_grads_in_bulk_and_check_nothing_again(monkeypatc
                 for key, value in ref.state[q].items():
                     close(_full(opt.state[p][key]), _full(value), TOL[torch.float32][1], f"{key} of {name} step {step}")
         assert opt._caches[0].plan.gkey != addresses  # the grads did move: the plan followed them
+
+
+def test_moved_grads_of_two_launches_and_a_staged_grad(monkeypatch, device):
+    """A group of fp32 and fp64 params (two launches) with a transposed param whose grads come
+    contiguous (staged: copied into the param's layout before the launch): grads that move are
+    repointed launch by launch, the staged one is read where it now is, and nothing is rebuilt."""
+    shapes = [(7, 13), (300,), (9, 6)]
+    init = [*random_tensors(shapes, torch.float32, 0, device), *random_tensors(shapes[:2], torch.float64, 1, device)]
+    init[2] = init[2].t()  # column-major, dense: its contiguous grads do not walk its memory order
+    params, ref_params = leaves(init), leaves(init)
+    assert not params[2].is_contiguous()
+    opt = fused_optim.AdamW(params, lr=0.05, weight_decay=0.1)
+    ref = torch.optim.AdamW(ref_params, lr=0.05, weight_decay=0.1, foreach=False)
+    graveyard = []
+    for step in range(5):
+        grads = [torch.randn(p.shape, dtype=p.dtype, device=device) for p in params]  # contiguous
+        for p, q, g in zip(params, ref_params, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        graveyard.append([p.grad for p in params])
+        if step == 2:
+            plan = opt._caches[0].plan
+            assert len(plan.launches) == 2 and not plan.direct and (plan.row_of == -1).sum() == 1
+            for name in ("_validate", "_layout", "_plan"):
+                monkeypatch.setattr(opt, name, _refuse(name))
+        opt.step()
+        ref.step()
+        if step >= 2:
+            assert opt._caches[0].plan is plan
+        for i, (p, q) in enumerate(zip(params, ref_params)):
+            tol = TOL[p.dtype][1]
+            close(p.detach(), q.detach(), tol, f"param {i} step {step}")
+            for key, value in ref.state[q].items():
+                close(opt.state[p][key], value, tol, f"{key} of param {i} step {step}")

@@ -38,6 +38,28 @@ _EXTENSIONS = {
 }
 
 
+def _sums_combiner(classes: list, launch: Launch):
+    """``_combine_sums``' function for a launch whose rows have these norm classes (None: none sharded)."""
+    if all(c is None for c in classes):
+        return None  # (params with Partial placements were refused by _validate)
+    device = launch.tables.tensor_table.device
+    masks = [  # the same order on every rank
+        (cls, torch.tensor([c == cls for c in classes], device=device)[:, None])
+        for cls in dict.fromkeys(c for c in classes if c is not None)
+    ]
+
+    def combine(sums: torch.Tensor) -> None:
+        import torch.distributed as dist
+
+        for (mesh, dims), rows in masks:
+            part = sums * rows
+            for dim in dims:
+                dist.all_reduce(part, group=mesh.get_group(dim))
+            sums.copy_(torch.where(rows, part, sums))
+
+    return combine
+
+
 class FusedOptimizer(PlansMixin, FeaturesMixin, ChecksMixin, FallbackMixin, Optimizer):
     """Base class of the fused optimizers; a subclass declares one algorithm.
 
@@ -364,25 +386,13 @@ class FusedOptimizer(PlansMixin, FeaturesMixin, ChecksMixin, FallbackMixin, Opti
     def _combine_sums(self, launch: Launch):
         """For per-tensor sums (LAMB's norms) of DTensor params: a function that adds up each sharded
         param's sums over the ranks that shard it, so that they are the whole tensor's; None when
-        the launch holds no sharded param."""
+        the launch holds no sharded param. Made once per launch: its row masks are device tensors,
+        which a step inside a CUDA graph capture could not copy from the host."""
         if not self._algorithm.n_sums:
             return None
-        classes = [launch.seg.norm_classes[i] for i in launch.rows.tolist()]
-        if all(c is None for c in classes):
-            return None  # (params with Partial placements were refused by _validate)
-
-        def combine(sums: torch.Tensor) -> None:
-            import torch.distributed as dist
-
-            for cls in dict.fromkeys(c for c in classes if c is not None):  # the same order on every rank
-                mesh, dims = cls
-                rows = torch.tensor([c == cls for c in classes], device=sums.device)[:, None]
-                part = sums * rows
-                for dim in dims:
-                    dist.all_reduce(part, group=mesh.get_group(dim))
-                sums.copy_(torch.where(rows, part, sums))
-
-        return combine
+        if launch.combine_sums is None:
+            launch.combine_sums = (_sums_combiner([launch.seg.norm_classes[i] for i in launch.rows.tolist()], launch),)
+        return launch.combine_sums[0]
 
     def _host_step_scalars(self, group, launch: Launch, lr: float, weight_decay: float, decoupled: bool):
         """Advance the host scalar state of the launch's rows (torch: ``step += 1`` per param) and

@@ -210,6 +210,7 @@ class Launch:
     stage_params: list = field(default_factory=list)  # (member index, buffer)
     stage_grads: list = field(default_factory=list)  # (group position, buffer)
     own_tables: tuple | None = None  # what an algorithm keeps per launch (Adafactor's tables, Muon's lr ratios)
+    combine_sums: tuple | None = None  # (``_base._combine_sums``' function or None,), made on first use
 
     def stage_in(self, grads) -> None:
         """Copy grads (and params) that the kernels cannot address in place into their buffers."""

@@ -268,10 +268,19 @@ def test_lamb_capturable_takes_the_same_steps(device):
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_dtensor_params_take_the_same_steps(name, device):
-    """Element-wise math with per-tensor norms: on a one-rank mesh, DTensor params step as tensors."""
+def test_dtensor_params_take_the_same_steps(name, device, monkeypatch):
+    """Element-wise math with per-tensor norms: on a one-rank mesh, DTensor params step as tensors.
+    The function that combines the sums over ranks (its row masks are device tensors) is made
+    once per launch, not at every step."""
     from torch.distributed.tensor import Shard, distribute_tensor
 
+    from fused_optim import _base
+
+    made = []  # the norm classes of every launch a combining function was made for
+    original = _base._sums_combiner
+    monkeypatch.setattr(
+        _base, "_sums_combiner", lambda classes, launch: made.append(classes) or original(classes, launch)
+    )
     with one_rank_mesh(device) as mesh:
         init = random_tensors([(12, 7), (30,)], torch.float32, 3, device)
         params = [torch.nn.Parameter(distribute_tensor(t.clone(), mesh, [Shard(0)])) for t in init]
@@ -285,6 +294,7 @@ def test_dtensor_params_take_the_same_steps(name, device):
             ref.step()
             for p, q in zip(params, plain):
                 assert torch.equal(p.full_tensor(), q.detach())
+        assert sum(any(made_for) for made_for in made) == 1  # the sharded params' one launch, for 3 steps
 
 
 @pytest.mark.parametrize("name", CASES)

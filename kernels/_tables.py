@@ -89,6 +89,7 @@ class Tables:
     rows: np.ndarray  # the tensor table on the host (shares memory with it on CPU)
     step_table: torch.Tensor | None = None  # per-tensor step scalars written on the device (device steps)
     sums: torch.Tensor | None = None  # per-tensor sums of a reduction pass (algorithms with ``n_sums``)
+    scratch: torch.Tensor | None = None  # what a kernel of its own reduces into (Adafactor's ``_scratch``)
     blocks: int = 1  # blocks per program
     stream: object = None  # CUDA stream the tables were last used on (``device_guard``)
     uploaded: object = None  # CUDA event recorded after the upload (``device_guard``)

@@ -225,6 +225,17 @@ def factor_tables(shapes: list[tuple[int, ...]], row_offsets, col_offsets, var_o
     return to_device(info, device), to_device(tiles, device)
 
 
+def _scratch(tables: Tables, dtype: torch.dtype, shapes) -> list[torch.Tensor]:
+    """Zeroed buffers of ``shapes``: views into one buffer kept with the launch's tables (made on
+    its first step, zeroed by one launch at every step); each view starts 16-byte aligned."""
+    sizes = [-(-(a * b) // 4) * 4 for a, b in shapes]
+    if tables.scratch is None or tables.scratch.dtype != dtype or tables.scratch.numel() != sum(sizes):
+        tables.scratch = torch.empty(sum(sizes), dtype=dtype, device=tables.block_table.device)
+    flat = tables.scratch.zero_()
+    starts = np.cumsum([0, *sizes[:-1]])
+    return [flat[int(start) : int(start) + a * b].view(a, b) for start, (a, b) in zip(starts, shapes)]
+
+
 def adafactor_step(
     tables: Tables,
     factor: tuple,
@@ -246,14 +257,14 @@ def adafactor_step(
     if tiles.numel() == 0:
         return
     n = tables.tensor_table.shape[0]
-    device = tiles.device
     any_t = tables.tensor_table
     row_var, col_var, variance = (flat.get(k, any_t) for k in ("row_var", "col_var", "variance"))
     c_dtype = torch.float64 if param_dtype == torch.float64 else torch.float32
-    sums = torch.zeros((n, 2), dtype=c_dtype, device=device)  # reductions in the math type
-    # row_sum, rv_sum, g2_sum, row_new; col_sum, col_new
-    rows = torch.zeros((4, row_var.numel() if "row_var" in flat else 1), dtype=c_dtype, device=device)
-    cols = torch.zeros((2, col_var.numel() if "col_var" in flat else 1), dtype=c_dtype, device=device)
+    # the reductions' scratch, in the math type, zeroed at every step: per tensor two sums; per
+    # row of the factors row_sum, rv_sum, g2_sum, row_new; per column col_sum, col_new
+    n_rows = row_var.numel() if "row_var" in flat else 1
+    n_cols = col_var.numel() if "col_var" in flat else 1
+    sums, rows, cols = _scratch(tables, c_dtype, ((n, 2), (4, n_rows), (2, n_cols)))
     s_dtype = next((flat[k].dtype for k in ("row_var", "variance") if k in flat), param_dtype)
     args = (
         tables.tensor_table, info, tiles, scalars, row_var, col_var, variance, sums, rows[0], cols[0], rows[1],

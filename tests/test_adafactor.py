@@ -105,6 +105,11 @@ def test_launches_per_step(device):
     with record_launches() as log:
         opt.step()
     assert [name for name, _ in log] == ["_adafactor_kernel"] * 6
+    # the reductions' scratch is kept with each launch's tables, allocated once, zeroed every step
+    opt.step()
+    scratch = [launch.tables.scratch for launch in opt._caches[0].plan.launches]
+    opt.step()
+    assert all(launch.tables.scratch is s for launch, s in zip(opt._caches[0].plan.launches, scratch, strict=True))
 
 
 @pytest.mark.parametrize("direction", ["fused to torch", "torch to fused"])

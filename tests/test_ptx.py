@@ -113,7 +113,7 @@ RMS = ["square_avg", "momentum_buffer", "grad_avg"]
 
 
 def _case(algo, dtype, states, loads, stores, *, registers, options=(), label="", state_dtype=None, sqrt=True,
-          div=True, flags=None, features=OFF, blocks=1, codes=None, stochastic_codes=False):  # fmt: skip
+          div=True, flags=None, features=OFF, blocks=1, codes=None, stochastic_codes=False, phase=None):  # fmt: skip
     """One kernel variant. ``loads``/``stores``: how many arrays (param, grad, states) are read and
     written with 128-bit accesses on the full-block path. With master weights the param is written,
     not read, and the fp32 master copy is read and written. ``registers``: (count of the
@@ -121,8 +121,9 @@ def _case(algo, dtype, states, loads, stores, *, registers, options=(), label=""
     lowest supported Triton); the budget is the count now plus 8, never above the count before
     plus 8. ``blocks``: blocks per program (each unrolled block has its own accesses). ``codes``:
     8-bit states ("i8" or "fp8e4nv"; their codes move 4 or 8 bytes per thread, not counted in
-    ``loads``/``stores``)."""
-    return {"id": f"{algo}-{dtype}{label}", "algo": algo, "dtype": dtype, "state_dtype": state_dtype or dtype,
+    ``loads``/``stores``). ``phase``: the pass of a two-pass algorithm (default: its update pass)."""
+    extra = {} if phase is None else {"phase": phase}
+    return {**extra, "id": f"{algo}-{dtype}{label}", "algo": algo, "dtype": dtype, "state_dtype": state_dtype or dtype,
             "states": states, "options": list(options), "flags": {**DECAY, **(flags or {}), **features},
             "blocks": blocks, "loads": loads, "stores": stores, "sqrt": sqrt, "div": div, "codes": codes,
             "stochastic_codes": stochastic_codes,
@@ -188,6 +189,24 @@ CASES = [
     # StableAdamW's update pass (after the pass that sums g^2 / v and the count): decay in the math
     _case("stableadamw", "fp32", ADAM, 4, 3, registers=(39, 39), options=[True], flags=SA),
     _case("stableadamw", "bf16", ADAM, 4, 3, registers=(61, 61), options=[True], flags=SA),
+    # ... and their first pass (PHASE 1), which reads and sums and stores nothing: LAMB reads param,
+    # grad and both moments (the update's norm needs the new moments), LARS param and grad,
+    # StableAdamW grad and exp_avg_sq
+    _case("lamb", "fp32", ADAM, 4, 0, registers=(32, 32), label="-sums", phase=1),
+    _case("lars", "fp32", ["momentum_buffer"], 2, 0, registers=(30, 30), label="-sums", phase=1, sqrt=False, div=False),
+    _case(
+        "stableadamw",
+        "fp32",
+        ADAM,
+        2,
+        0,
+        registers=(31, 31),
+        options=[True],
+        flags=SA,
+        label="-sums",
+        phase=1,
+        sqrt=False,
+    ),
     _case("adamax", "fp64", ["exp_avg", "exp_inf"], 4, 3, registers=(52, 47), sqrt=False, flags=DEVICE),
     # AMP (grad scale, inf skip), clipping, device step counts and a device lr: the same accesses
     _case(
@@ -382,8 +401,8 @@ def _expected_accesses(case) -> tuple[int, int]:
     if case["flags"]["MASTER"]:  # reads grad, master, states; writes param, master, states
         states_written -= 1
         reads, writes = [p, 4] + [s] * states_read, [p, 4] + [s] * states_written
-    else:  # reads param, grad, states; writes param, states
-        reads, writes = [p, p] + [s] * states_read, [p] + [s] * states_written
+    else:  # reads param, grad, states; writes param, states (a sums pass: nothing)
+        reads, writes = [p, p] + [s] * states_read, [p] + [s] * states_written if case["stores"] else []
     narrow = min(reads + writes)
     blocks = case["blocks"]
     return blocks * sum(b // narrow for b in reads), blocks * sum(b // narrow for b in writes)

@@ -102,6 +102,13 @@ def step_fn(recipe_name: str, provider: str, params: list[torch.Tensor]):
     return opt.step
 
 
+def note(recipe_name: str, provider: str) -> str:
+    """How ``provider``'s row differs from fused_optim's in what it computes, or what it is."""
+    if provider in OTHERS:
+        return OTHERS[provider][2]
+    return "" if provider == "fused_optim" else RECIPES[recipe_name].torch_note
+
+
 def bytes_per_step(recipe_name: str, probe: fused_optim.FusedOptimizer) -> int:
     """What the recipe must move at least: fused_optim's update plus its extra grad passes."""
     recipe = RECIPES[recipe_name]

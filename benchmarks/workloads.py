@@ -47,7 +47,8 @@ class Point:
         return sum(_numel(s) for s in self.shapes)
 
     def shapes_for(self, algorithm: str) -> list[tuple[int, ...]]:
-        """The shapes ``algorithm`` runs on: matrices of the same sizes for ``MATRIX_ALGORITHMS``."""
+        """The shapes ``algorithm`` runs on: matrices of the same sizes for ``MATRIX_ALGORITHMS``,
+        rows of whole 8-bit blocks for ``BLOCK_ROW_RECIPES``."""
         if algorithm in BLOCK_ROW_RECIPES:
             return block_rows(self.shapes)
         return matrices(self.shapes) if algorithm in MATRIX_ALGORITHMS else self.shapes

@@ -38,11 +38,11 @@ _EXTENSIONS = {
 }
 
 
-def _sums_combiner(classes: list, launch: Launch):
-    """``_combine_sums``' function for a launch whose rows have these norm classes (None: none sharded)."""
+def _sums_combiner(classes: list, device: torch.device):
+    """``_combine_sums``' function for a launch on ``device`` whose rows have these norm classes
+    (None: none sharded)."""
     if all(c is None for c in classes):
         return None  # (params with Partial placements were refused by _validate)
-    device = launch.tables.tensor_table.device
     masks = [  # the same order on every rank
         (cls, torch.tensor([c == cls for c in classes], device=device)[:, None])
         for cls in dict.fromkeys(c for c in classes if c is not None)
@@ -391,7 +391,8 @@ class FusedOptimizer(PlansMixin, FeaturesMixin, ChecksMixin, FallbackMixin, Opti
         if not self._algorithm.n_sums:
             return None
         if launch.combine_sums is None:
-            launch.combine_sums = (_sums_combiner([launch.seg.norm_classes[i] for i in launch.rows.tolist()], launch),)
+            classes = [launch.seg.norm_classes[i] for i in launch.rows.tolist()]
+            launch.combine_sums = (_sums_combiner(classes, launch.tables.tensor_table.device),)
         return launch.combine_sums[0]
 
     def _host_step_scalars(self, group, launch: Launch, lr: float, weight_decay: float, decoupled: bool):

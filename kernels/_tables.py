@@ -150,9 +150,9 @@ def build_tables(
 def repoint_grads(tables: Tables, which: np.ndarray, grad_addrs: np.ndarray) -> None:
     """Point rows ``which`` (distinct, increasing) of the host tensor table at new grad addresses
     (grads that autograd reallocated), keeping everything else: the block table depends on numels
-    only. The vector end follows the new grad's alignment. The device table then follows by ``upload`` (a
-    stream-ordered copy: kernels already queued read the old addresses, later ones the new) or,
-    inside a graph capture, by ``write_in_graph``."""
+    only. The vector end follows the new grad's alignment. The device table then follows by
+    ``upload`` (a stream-ordered copy: kernels already queued read the old addresses, later ones
+    the new) or, inside a graph capture, by ``write_in_graph``."""
     rows = tables.rows
     if len(which) == len(rows):  # every row (``which`` is then every index, in order): slices
         which = slice(None)

@@ -279,7 +279,7 @@ def test_dtensor_params_take_the_same_steps(name, device, monkeypatch):
     made = []  # the norm classes of every launch a combining function was made for
     original = _base._sums_combiner
     monkeypatch.setattr(
-        _base, "_sums_combiner", lambda classes, launch: made.append(classes) or original(classes, launch)
+        _base, "_sums_combiner", lambda classes, device: made.append(classes) or original(classes, device)
     )
     with one_rank_mesh(device) as mesh:
         init = random_tensors([(12, 7), (30,)], torch.float32, 3, device)

@@ -20,15 +20,12 @@ kernels on the GPU and times the call with the device idle.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import os
 import platform
 import socket
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -38,7 +35,7 @@ if not torch.cuda.is_available():  # Triton's interpreter, switched on before fu
 
 import fused_optim
 
-from .timing import kernels_skipped
+from .timing import grad_swapper, host_time_us, kernels_skipped_for
 
 PROVIDERS = ("fused_optim", "torch foreach", "torch for-loop")
 NUMEL = 16  # elements per tensor in the single-process part
@@ -51,19 +48,6 @@ def make_optimizer(provider: str, params):
     return torch.optim.AdamW(params, lr=1e-3, foreach=provider == "torch foreach")
 
 
-def _skipped(provider: str, device: torch.device):
-    """No-op kernels for fused_optim on CPU (see the module docstring)."""
-    return kernels_skipped() if provider == "fused_optim" and device.type == "cpu" else contextlib.nullcontext()
-
-
-def _timed(fn, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    return (time.perf_counter() - start) * 1e6
-
-
 def single(n: int, device: torch.device, calls: int, providers=PROVIDERS) -> list[dict]:
     """Rows for ``n`` tensors in one process: us per step with the same and with new grads."""
     gen = torch.Generator().manual_seed(n)
@@ -71,24 +55,14 @@ def single(n: int, device: torch.device, calls: int, providers=PROVIDERS) -> lis
     rows = []
     for provider in providers:
         params = [torch.nn.Parameter(v.to(device)) for v in values]
-        grads = [[torch.randn_like(p) for p in params] for _ in range(2)]
-        for p, g in zip(params, grads[0]):
-            p.grad = g
+        for p in params:
+            p.grad = torch.randn_like(p)
         opt = make_optimizer(provider, params)
         row = {"part": "single", "tensors": n, "provider": provider, "device": str(device)}
-        with _skipped(provider, device):
-            for turn in range(2):  # first steps lay out state and plans
-                for p, g in zip(params, grads[turn]):
-                    p.grad = g
-                opt.step()
-            same, new = [], []
-            for i in range(calls):
-                same.append(_timed(opt.step, device))
-                for p, g in zip(params, grads[i % 2]):  # i even: the other set than the last step's
-                    p.grad = g
-                new.append(_timed(opt.step, device))
-        row["same_grads_us"] = statistics.median(same)
-        row["new_grads_us"] = statistics.median(new)
+        with kernels_skipped_for(provider, device):
+            opt.step()  # lays out state and plans
+            row["same_grads_us"] = host_time_us(opt.step, device, calls)
+            row["new_grads_us"] = host_time_us(opt.step, device, calls, before=grad_swapper(params))
         rows.append(row)
     return rows
 
@@ -124,17 +98,19 @@ def _fsdp_rank(rank: int, world: int, n_params: int, calls: int, providers, out:
                 fully_shard(group, mesh=mesh)
             fully_shard(model, mesh=mesh)
             opt = make_optimizer(provider, list(model.parameters()))
-            times = []
-            with _skipped(provider, torch.device("cpu")):
-                for i in range(calls + 2):  # two untimed steps first
-                    opt.zero_grad()
-                    torch.tanh(model(x)).square().mean().backward()
-                    dist.barrier()
-                    us = _timed(opt.step, torch.device("cpu"))
-                    if i >= 2:
-                        times.append(us)
+
+            def backward(model=model, opt=opt):  # FSDP2's own grads, new at every step
+                opt.zero_grad()
+                torch.tanh(model(x)).square().mean().backward()
+                dist.barrier()
+
+            with kernels_skipped_for(provider, torch.device("cpu")):
+                backward()
+                opt.step()  # lays out state and plans; host_time_us takes one more untimed step
+                backward()
+                median = host_time_us(opt.step, torch.device("cpu"), calls, before=backward)
             medians = [None] * world
-            dist.all_gather_object(medians, statistics.median(times))
+            dist.all_gather_object(medians, median)
             n = len(list(model.parameters()))
             rows.append({"part": "fsdp2", "tensors": n, "provider": provider, "ranks": world, "step_us": max(medians)})
         if rank == 0:

@@ -40,7 +40,7 @@ from fused_optim.kernels import INTERPRETED
 
 from . import baselines, features, toolchain
 from .parity import parity_table
-from .timing import copy_gbps, device_time_ms, host_time_us, kernels_skipped
+from .timing import copy_gbps, device_time_ms, grad_swapper, host_time_us, kernels_skipped, kernels_skipped_for
 from .workloads import ALGORITHMS, MATRIX_ALGORITHMS, WORKLOAD_ALGORITHMS, Point, plan
 
 PROVIDERS = ("fused_optim", "torch for-loop", "torch foreach", "torch fused", "torch.compile")
@@ -210,7 +210,7 @@ def measure(point: Point, name: str, providers, device, dtype: str, compile_max_
     else:
         probe = baselines.ready(name, getattr(fused_optim, name)(params, **ALGORITHMS[name]))
         # the probe only lays out state; on CPU the interpreter would run 1,000 tiny programs for the host point
-        with kernels_skipped() if point.workload == "host" and device.type == "cpu" else _nothing():
+        with kernels_skipped() if point.workload == "host" and device.type == "cpu" else contextlib.nullcontext():
             probe.step()
         n_bytes = probe.bytes_per_step()
     del probe
@@ -237,9 +237,7 @@ def measure(point: Point, name: str, providers, device, dtype: str, compile_max_
         try:
             if recipe is not None:
                 step = features.step_fn(name, provider, params)
-                row.note = "" if provider == "fused_optim" else recipe.torch_note
-                if provider in recipe.others:
-                    row.note = features.OTHERS[provider][2]
+                row.note = features.note(name, provider)
             elif provider == "torch.compile" and len(params) > compile_max_tensors:
                 row.note = f"not run: {len(params)} tensors > --compile-max-tensors {compile_max_tensors}"
                 rows.append(row)
@@ -249,14 +247,13 @@ def measure(point: Point, name: str, providers, device, dtype: str, compile_max_
                     row.note = f"of {baselines.compiled_label(name)}"
                 step, row.compile_s = _step_fn(provider, name, params)
             if point.workload == "host":
-                skip = kernels_skipped() if provider == "fused_optim" and device.type == "cpu" else _nothing()
                 calls = 50 if device.type == "cuda" else 5
-                with skip:
+                with kernels_skipped_for(provider, device):
                     row.host_us = host_time_us(step, device, calls)
                     if provider == GRAPH:
                         row.note = "replays read the grads captured; new grad tensors need a new capture"
                     else:  # as after zero_grad(set_to_none=True) + backward, when addresses change
-                        row.host_us_new_grads = host_time_us(step, device, calls, before=_grad_swapper(params))
+                        row.host_us_new_grads = host_time_us(step, device, calls, before=grad_swapper(params))
             else:
                 row.median_ms, row.p20_ms, row.p80_ms = device_time_ms(step, device)
                 if recipe is not None and isinstance(getattr(step, "__self__", None), torch.optim.Optimizer):
@@ -272,27 +269,6 @@ def measure(point: Point, name: str, providers, device, dtype: str, compile_max_
         step = None
         _release()
     return rows
-
-
-def _grad_swapper(params):
-    """A callable that hands every param a different grad tensor (same values) at each call."""
-    sets = [[p.grad for p in params], [p.grad.clone() for p in params]]
-    turn = [0]
-
-    def swap():
-        turn[0] ^= 1
-        for p, g in zip(params, sets[turn[0]]):
-            p.grad = g
-
-    return swap
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _device(device) -> tuple[str, str]:

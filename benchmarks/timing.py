@@ -56,6 +56,19 @@ def host_time_us(step, device: torch.device, calls: int = 50, before=None) -> fl
     return statistics.median(times)
 
 
+def grad_swapper(params):
+    """A callable that hands every param a different grad tensor (same values) at each call."""
+    sets = [[p.grad for p in params], [p.grad.clone() for p in params]]
+    turn = [0]
+
+    def swap():
+        turn[0] ^= 1
+        for p, g in zip(params, sets[turn[0]]):
+            p.grad = g
+
+    return swap
+
+
 @contextlib.contextmanager
 def kernels_skipped():
     """Replace every fused_optim kernel launch with a no-op: on CPU, where the interpreter runs
@@ -70,3 +83,8 @@ def kernels_skipped():
     finally:
         for m, original in saved:
             m.launch = original
+
+
+def kernels_skipped_for(provider: str, device: torch.device):
+    """``kernels_skipped()`` where ``provider`` is fused_optim on CPU, else a context that does nothing."""
+    return kernels_skipped() if provider == "fused_optim" and device.type == "cpu" else contextlib.nullcontext()

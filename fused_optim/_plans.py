@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import _dtensor
+from . import _dtensor, _native
 from ._fallback import uses_triton, warn_fallback
 from ._features import rounding_seed
 from ._quant import CODES, dequantize, quantize_into
@@ -37,11 +37,11 @@ class PlansMixin:
         if capture:
             self._check_capture(rebuild)  # before anything changes
         moved = {}
-        for plan, gkey, (launch_moves, gkey_array) in moves:
+        for plan, gkey, launch_moves in moves:
             for launch, rows, addrs in launch_moves:
                 _tables.repoint_grads(launch.tables, rows, addrs)
                 moved[id(launch.tables)] = launch.tables
-            plan.gkey, plan.gkey_array = gkey, gkey_array
+            plan.gkey = gkey
         if rebuild:
             self._rebuild(work)
         for plan, *_ in work:
@@ -87,16 +87,12 @@ class PlansMixin:
         params = group["params"]
         cache = self._caches.get(index)
         plan = cache.plan if cache is not None and cache.group is group else None
-        pkey, grads = _shards(params, plan.pkey if plan is not None and plan.plain else None)
-        try:
-            gkey = tuple(map(_data_ptr, grads))  # fails on a None or sparse grad
-        except (TypeError, RuntimeError):
-            # -2: no grad (an empty grad's address is 0), -1: sparse
-            gkey = tuple(-2 if g is None else -1 if g.layout != torch.strided else g.data_ptr() for g in grads)
-        if plan is not None and not self._tracker.dirty and plan.pkey == pkey and plan.keys == self._signature(group):
-            if plan.gkey == gkey:
+        pkey, gkey, grads, checked = _shards(params, plan)
+        cached = plan is not None and not self._tracker.dirty and _same_key(plan.pkey, pkey)
+        if cached and plan.keys == self._signature(group):
+            if _same_key(plan.gkey, gkey):
                 return plan, grads, pkey, gkey
-            launch_moves = _grad_moves(plan, grads, gkey)
+            launch_moves = _grad_moves(plan, grads, gkey, checked)
             if launch_moves is not None:
                 moves.append((plan, gkey, launch_moves))
                 return plan, grads, pkey, gkey
@@ -235,6 +231,7 @@ class PlansMixin:
         launch_of = np.full(len(grads), -1, dtype=np.int64)
         row_of = np.full(len(grads), -1, dtype=np.int64)
         meta = [None] * len(grads)
+        like_param = np.zeros(len(grads), dtype=np.uint8)
         for index, launch in enumerate(launches):
             staged = {pos for pos, _ in launch.stage_grads}
             positions = launch.seg.group_index[launch.rows]
@@ -244,11 +241,12 @@ class PlansMixin:
             for pos in positions.tolist():
                 g = grads[pos]
                 meta[pos] = (g.dtype, g.device, g.shape, g.stride())
+                p = _dtensor.local(group["params"][pos])
+                like_param[pos] = meta[pos] == (p.dtype, p.device, p.shape, p.stride())
         return Plan(
-            pkey, gkey, np.asarray(gkey, dtype=np.int64), self._signature(group), launches, sparse,
-            launch_of=launch_of, row_of=row_of, meta=meta,
+            pkey, gkey, self._signature(group), launches, sparse,
+            launch_of=launch_of, row_of=row_of, meta=meta, like_param=like_param,
             guards=grad_guards(grads) if all(m is not None for m in meta) else None,
-            plain=pkey is not None and 0 not in pkey,
             direct=len(launches) == 1 and launches[0].tables is not None and (row_of == np.arange(len(grads))).all(),
         )  # fmt: skip
 
@@ -261,46 +259,80 @@ def _source(state: dict, key: str):
     return None if codes is None or scales is None else (codes, scales)
 
 
-def _shards(params, plain_key: tuple | None = None) -> tuple[tuple | None, list]:
-    """The params' storage key (their local shards' addresses; None where one has no storage) and
-    their grads as the kernels read them (local shards of DTensor grads). ``plain_key``: the cached
-    plan's key when its params are plain tensors with storage; an equal key needs no DTensor look."""
+def _shards(params, plan: Plan | None = None) -> tuple[np.ndarray | None, np.ndarray, list, bool]:
+    """(pkey, gkey, grads, checked): the params' storage key (their local shards' addresses; None
+    where one has no storage), the grads' key (their addresses; -2: no grad, -1: sparse), the grads
+    as the kernels read them (local shards of DTensor grads) and whether every grad that moved since
+    ``plan`` was made still has the dtype, device, shape and strides of its param, as its grad had
+    then (``Plan.like_param``). In one C++ call where ``_native`` is built, else in Python (which
+    leaves the moved grads unchecked)."""
+    scan = _native.scan()
+    if scan is not None:
+        n = len(params)
+        pkey, gkey = np.empty(n, np.int64), np.empty(n, np.int64)
+        local = bool(params) and _dtensor.is_dtensor(params[0])
+        if plan is not None and len(plan.gkey) == n:
+            out = scan(params, local, pkey, gkey, plan.gkey, plan.like_param)
+        else:
+            out = scan(params, local, pkey, gkey)
+        if out is not None:
+            return pkey, gkey, *out
+    pkey, grads = _python_shards(params)
+    try:
+        gkey = np.fromiter(map(_data_ptr, grads), np.int64, len(grads))  # fails on a None or sparse grad
+    except (TypeError, RuntimeError):
+        gkey = [-2 if g is None else -1 if g.layout != torch.strided else g.data_ptr() for g in grads]
+        gkey = np.array(gkey, np.int64)
+    return pkey, gkey, grads, False
+
+
+def _python_shards(params) -> tuple[np.ndarray | None, list]:
+    """``_shards``' pkey and grads, one attribute at a time."""
     with _no_subclass_dispatch():  # a DTensor's attributes, without its __torch_function__
         grads = [p.grad for p in params]
     if params and _dtensor.is_dtensor(params[0]):
         try:  # a group of DTensor params with DTensor grads (FSDP2): read in bulk
-            pkey = tuple(map(_data_ptr, [p._local_tensor for p in params]))
+            pkey = np.fromiter(map(_data_ptr, [p._local_tensor for p in params]), np.int64, len(params))
             return pkey, [g._local_tensor for g in grads]
         except AttributeError:  # a plain param or a missing grad among them: one by one
             pass
     try:
-        pkey = tuple(map(_data_ptr, params))
+        pkey = np.fromiter(map(_data_ptr, params), np.int64, len(params))
     except RuntimeError:
         pkey = None
-    if pkey is not None and pkey != plain_key and 0 in pkey:  # a DTensor (data_ptr 0), or an empty tensor
-        pkey = tuple(_data_ptr(_dtensor.local(p)) for p in params)
+    if pkey is not None and not pkey.all():  # a DTensor (data_ptr 0), or an empty tensor
+        pkey = np.array([_data_ptr(_dtensor.local(p)) for p in params], np.int64)
         grads = [None if g is None else _dtensor.local(g) for g in grads]
     return pkey, grads
 
 
-def _grad_moves(plan: Plan, grads, gkey) -> tuple[list, np.ndarray] | None:
+def _same_key(a: np.ndarray | None, b: np.ndarray | None) -> bool:
+    return a is b or (a is not None and b is not None and a.shape == b.shape and bool((a == b).all()))
+
+
+def _grad_moves(plan: Plan, grads, gkey: np.ndarray, checked: bool = False) -> list | None:
     """The cached plan with only grad storage changed (autograd allocated new grads, as after
     ``zero_grad(set_to_none=True)`` when the allocator hands out other addresses; FSDP2's
     reduce-scatter outputs at every step): the tables' rows to point at the new grads,
-    [(launch, rows, addresses)], and ``gkey`` as an array; the rest is kept. Every grad must match
+    [(launch, rows, addresses)]; the rest is kept. Every grad must match
     the one the plan was checked with in dtype, device, shape and strides, so every check and
     layout decision still holds. Otherwise (a grad appeared, vanished, turned sparse or changed)
-    None: the full check then runs and raises where torch would."""
+    None: the full check then runs and raises where torch would. ``checked``: the native reads
+    found every moved grad like its param, as its grad was (``_shards``)."""
     if len(gkey) != len(plan.gkey):
         return None
-    old, new = plan.gkey_array, np.asarray(gkey, dtype=np.int64)
+    old, new = plan.gkey, gkey
     changed = np.flatnonzero(old != new)
-    # the C++ check first; where it says no (or inside a TorchDispatchMode, whose dispatch key it
+    # the C++ check next; where it says no (or inside a TorchDispatchMode, whose dispatch key it
     # sees), the exact check one grad at a time decides
-    if not (plan.guards is not None and plan.guards(*grads)) and not _same_grads(plan, grads, changed, old, new):
+    if (
+        not checked
+        and not (plan.guards is not None and plan.guards(*grads))
+        and not _same_grads(plan, grads, changed, old, new)
+    ):
         return None
     if plan.direct:  # one launch, whose table rows are the group's positions in order
-        return [(plan.launches[0], changed, new[changed])], new
+        return [(plan.launches[0], changed, new[changed])]
     moves = []
     for index, launch in enumerate(plan.launches):
         at = changed[plan.launch_of[changed] == index]
@@ -308,7 +340,7 @@ def _grad_moves(plan: Plan, grads, gkey) -> tuple[list, np.ndarray] | None:
         table = rows >= 0  # torch's implementation, or a staging copy, reads the grad where it is now
         if table.any():
             moves.append((launch, rows[table], new[at[table]]))
-    return moves, new
+    return moves
 
 
 def _same_grads(plan: Plan, grads, changed: np.ndarray, old: np.ndarray, new: np.ndarray) -> bool:

@@ -259,9 +259,8 @@ def launch_tables(launch: Launch, grads, num_warps: int, blocks: int) -> Tables:
 class Plan:
     """A group's launches, and what ``_plans._grad_moves`` needs to repoint them at new grads."""
 
-    pkey: tuple  # the params' (local) addresses
-    gkey: tuple  # the grads' addresses (-2: no grad, -1: sparse)
-    gkey_array: np.ndarray  # the same, as an array
+    pkey: np.ndarray | None  # the params' (local) addresses; None where one has no storage
+    gkey: np.ndarray  # the grads' addresses (-2: no grad, -1: sparse)
     keys: tuple  # the group's signature
     launches: list
     sparse: list  # group positions of params with sparse grads this step
@@ -270,11 +269,11 @@ class Plan:
     launch_of: np.ndarray | None = None
     row_of: np.ndarray | None = None
     meta: list = field(default_factory=list)
+    like_param: np.ndarray | None = None  # per position: 1 where that grad had its param's metadata
     # ``guards(*grads)``: True when the grads have the metadata of this plan's (one C++ call; a
     # False is checked again with ``meta``); None where a grad was missing or sparse, or torch
     # lacks the check.
     guards: object = None
-    plain: bool = False  # ``pkey`` holds the addresses of plain tensors, none 0 (``_plans._shards``)
     direct: bool = False  # one launch, whose table row j is group position j
 
 

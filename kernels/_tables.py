@@ -105,9 +105,10 @@ def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 def _vector_end(param_addrs: np.ndarray, grad_addrs: np.ndarray, numels: np.ndarray, block: int) -> np.ndarray:
-    """The table's vector end: whole blocks when param and grad are 16-byte aligned, else 0."""
-    aligned = (param_addrs % VEC_BYTES == 0) & (grad_addrs % VEC_BYTES == 0)
-    return np.where(aligned, numels // block * block, 0)
+    """The table's vector end: whole blocks when param and grad are 16-byte aligned, else 0 (with
+    bit masks where ``block`` is a power of two: every grad move recomputes it)."""
+    aligned = ((param_addrs | grad_addrs) & (VEC_BYTES - 1)) == 0
+    return np.where(aligned, numels & -block if block & (block - 1) == 0 else numels // block * block, 0)
 
 
 def build_tables(

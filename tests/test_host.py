@@ -1,16 +1,18 @@
-"""What keeps ``step()`` cheap on the host (``benchmarks/host.py`` times it): a step whose grads
-moved keeps its plan and checks the grads in one C++ call; an FSDP2 step reads the grads' local
-shards in bulk and checks nothing else again. Behaviour, not timings."""
+"""What keeps ``step()`` cheap on the host (``benchmarks/host.py`` times it): grads and addresses
+read in one native call (``fused_optim/_native.cpp``) that agrees with the Python reads; a step
+whose grads moved keeps its plan and checks the grads in one C++ call; an FSDP2 step reads the
+grads' local shards in bulk and checks nothing else again. Behaviour, not timings."""
 
 from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
 import fused_optim
-from fused_optim import _plans
+from fused_optim import _native, _plans
 from parity import TOL, close, leaves, one_rank_mesh, random_tensors
 
 SHAPES = [(7, 13), (300,), (3, 4, 5), (1,)]
@@ -23,8 +25,39 @@ def _refuse(name):
     return refused
 
 
+def _counted(check, seen: list):
+    def counted(*grads):
+        seen.append(len(grads))
+        return check(*grads)
+
+    return counted
+
+
 def _full(t):
     return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _key(grads):
+    return np.array([g.data_ptr() for g in grads], np.int64)
+
+
+@pytest.fixture(params=["native", "python"], ids=["native reads", "python reads"])
+def reads(request, monkeypatch):
+    """Each test below runs with the native reads, which must answer every step themselves (built
+    here: CI has a C++ compiler), and with the Python reads alone."""
+    if request.param == "python":
+        monkeypatch.setattr(_native, "scan", lambda: None)
+        return request.param
+    built = _native.scan()
+    assert built is not None, _native.reason
+
+    def must_answer(*args):
+        out = built(*args)
+        assert out is not None, "the native reads handed a plain or FSDP2 group to the Python path"
+        return out
+
+    monkeypatch.setattr(_native, "scan", lambda: must_answer)
+    return request.param
 
 
 def test_torch_has_the_one_call_grad_check():
@@ -33,8 +66,87 @@ def test_torch_has_the_one_call_grad_check():
     assert _plans._TensorGuards is not None
 
 
+def _groups(device, mesh):
+    """Param lists the reads must agree on: (name, params, whether the native reads answer)."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    flat = torch.randn(200, device=device)
+    views = [torch.nn.Parameter(flat[i * 40 : i * 40 + 30]) for i in range(5)]  # storage offsets
+    plain = leaves(random_tensors(SHAPES, torch.float32, 0, device)) + views
+    plain.append(torch.nn.Parameter(torch.randn(6, 4, device=device).t()))  # not contiguous
+    for p in plain:
+        p.grad = torch.randn(p.shape, device=device)
+    gaps = leaves(random_tensors(SHAPES, torch.float32, 1, device))
+    gaps[0].grad = torch.randn(SHAPES[0], device=device)
+    gaps[2].grad = torch.randn(SHAPES[2], device=device).to_sparse()
+    sharded = [torch.nn.Parameter(distribute_tensor(torch.randn(s, device=device), mesh, [Shard(0)])) for s in SHAPES]
+    for p in sharded[1:]:
+        p.grad = distribute_tensor(torch.randn(p.shape, device=device), mesh, [Shard(0)])
+    empty = torch.nn.Parameter(torch.zeros(0, device=device))
+    return [
+        ("plain, views at offsets, not contiguous", plain, True),
+        ("missing and sparse grads", gaps, True),
+        ("DTensor params, one without a grad", sharded, True),
+        ("no params", [], True),
+        ("DTensor and plain params", [*sharded, *plain], False),
+        ("an empty param", [*plain, empty], False),
+    ]
+
+
+def test_native_and_python_reads_agree(monkeypatch, device):
+    """``_shards`` returns the same keys and the very same grad objects with the native reads as
+    with the Python reads; the native reads answer plain and FSDP2 groups themselves and hand the
+    rest (a DTensor among plain params, a param without storage to address) to the Python path."""
+    scan = _native.scan()
+    assert scan is not None, _native.reason
+    with one_rank_mesh(device) as mesh:
+        for name, params, answers in _groups(device, mesh):
+            local = bool(params) and _plans._dtensor.is_dtensor(params[0])
+            pkey, gkey = np.zeros(len(params), np.int64), np.zeros(len(params), np.int64)
+            assert (scan(params, local, pkey, gkey) is not None) == answers, name
+            native = _plans._shards(params)
+            with monkeypatch.context() as m:
+                m.setattr(_native, "scan", lambda: None)
+                python = _plans._shards(params)
+            assert python[0] is not None and np.array_equal(native[0], python[0]), name
+            assert np.array_equal(native[1], python[1]), name
+            assert len(native[2]) == len(python[2]) and all(a is b for a, b in zip(native[2], python[2])), name
+            if answers:
+                assert np.array_equal(native[0], pkey) and np.array_equal(native[1], gkey), name
+    with pytest.raises(ValueError, match="arrays as long as params"):
+        scan([torch.nn.Parameter(torch.ones(2))], False, np.zeros(1, np.int32), np.zeros(1, np.int64))
+
+
+def test_native_reads_check_moved_grads_against_their_params(device):
+    """Given the plan's grad addresses, the native reads say whether every grad that moved still has
+    its param's dtype, device, shape and strides, and only where the plan's grad had them too."""
+    scan = _native.scan()
+    assert scan is not None, _native.reason
+    params = leaves(random_tensors(SHAPES, torch.float32, 0, device))
+    for p in params:
+        p.grad = torch.randn(p.shape, device=device)
+    n = len(params)
+    keys = np.zeros(n, np.int64), np.zeros(n, np.int64)
+    grads, checked = scan(params, False, *keys)
+    old, like = keys[1].copy(), np.ones(n, np.uint8)
+    assert checked and all(g is p.grad for g, p in zip(grads, params))
+
+    def moved(grad, like_param=like):
+        kept, params[0].grad = params[0].grad, grad
+        try:
+            return scan(params, False, *keys, old, like_param)[1]
+        finally:
+            params[0].grad = kept
+
+    assert moved(torch.randn(SHAPES[0], device=device))
+    assert not moved(torch.randn(SHAPES[0], device=device), np.array([0, 1, 1, 1], np.uint8))
+    assert not moved(torch.randn(SHAPES[0][::-1], device=device).t())  # strides
+    assert not moved(torch.randn(SHAPES[0], device=device).to_sparse())
+    assert moved(params[0].grad)  # nothing moved
+
+
 @pytest.mark.parametrize("one_call", [True, False], ids=["one C++ call", "one grad at a time"])
-def test_moved_grads_rebuild_nothing_and_are_checked(monkeypatch, device, one_call):
+def test_moved_grads_rebuild_nothing_and_are_checked(monkeypatch, device, one_call, reads):
     """New grad tensors at every step: no validation, no layout, no new tables; each step matches
     torch. The C++ check passes them (the per-grad check is never reached), or, without it, the
     per-grad check does. A grad of another shape, dtype or layout is caught by either."""
@@ -57,6 +169,9 @@ def test_moved_grads_rebuild_nothing_and_are_checked(monkeypatch, device, one_ca
                 monkeypatch.setattr(opt, name, _refuse(name))
             if one_call:
                 monkeypatch.setattr(_plans, "_same_grads", _refuse("the per-grad check"))
+            if reads == "native":  # the native reads checked every moved grad against its param
+                assert plan.like_param.all()
+                monkeypatch.setattr(plan, "guards", _refuse("the one-call check"))
         opt.step()
         ref.step()
         if step >= 2:
@@ -70,7 +185,7 @@ def test_moved_grads_rebuild_nothing_and_are_checked(monkeypatch, device, one_ca
     if not one_call:
         monkeypatch.setattr(_plans, "_TensorGuards", None)
     same = [p.grad.clone() for p in params]
-    assert _plans._grad_moves(plan, same, tuple(g.data_ptr() for g in same)) is not None
+    assert _plans._grad_moves(plan, same, _key(same)) is not None
     changes = {
         "shape": lambda g: g.reshape(-1),
         "strides": lambda g: torch.zeros(*g.shape[:-1], g.shape[-1] + 1, device=device)[..., :-1],
@@ -80,10 +195,10 @@ def test_moved_grads_rebuild_nothing_and_are_checked(monkeypatch, device, one_ca
     for what, change in changes.items():
         moved = [p.grad.clone() for p in params]
         moved[0] = change(moved[0])
-        assert _plans._grad_moves(plan, moved, tuple(g.data_ptr() for g in moved)) is None, what
+        assert _plans._grad_moves(plan, moved, _key(moved)) is None, what
 
 
-def test_fsdp2_steps_read_local_grads_in_bulk_and_check_nothing_again(monkeypatch, device):
+def test_fsdp2_steps_read_local_grads_in_bulk_and_check_nothing_again(monkeypatch, device, reads):
     """An FSDP2 model (one rank), real backward: every step's grads are FSDP2's new reduce-scatter
     outputs. After the first steps no step validates, lays out or plans again, the grads pass the
     C++ check, and params and state match torch.optim on an identical FSDP2 model."""
@@ -108,10 +223,12 @@ def test_fsdp2_steps_read_local_grads_in_bulk_and_check_nothing_again(monkeypatc
             graveyard.append([p.grad for p in model.parameters()])
             if step == 2:
                 plan = opt._caches[0].plan
-                assert plan.guards is not None
+                assert plan.guards is not None and plan.like_param.all()
                 for name in ("_validate", "_layout", "_plan"):
                     monkeypatch.setattr(opt, name, _refuse(name))
                 monkeypatch.setattr(_plans, "_same_grads", _refuse("the per-grad check"))
+                if reads == "native":
+                    monkeypatch.setattr(plan, "guards", _refuse("the one-call check"))
                 monkeypatch.setattr(_plans._dtensor, "local", _refuse("reading DTensors one by one"))
                 addresses = plan.gkey
             opt.step()
@@ -122,10 +239,10 @@ def test_fsdp2_steps_read_local_grads_in_bulk_and_check_nothing_again(monkeypatc
                 close(p.full_tensor(), q.full_tensor(), TOL[torch.float32][1], f"param {name} step {step}")
                 for key, value in ref.state[q].items():
                     close(_full(opt.state[p][key]), _full(value), TOL[torch.float32][1], f"{key} of {name} step {step}")
-        assert opt._caches[0].plan.gkey != addresses  # the grads did move: the plan followed them
+        assert not np.array_equal(opt._caches[0].plan.gkey, addresses)  # the grads moved: the plan followed
 
 
-def test_moved_grads_of_two_launches_and_a_staged_grad(monkeypatch, device):
+def test_moved_grads_of_two_launches_and_a_staged_grad(monkeypatch, device, reads):
     """A group of fp32 and fp64 params (two launches) with a transposed param whose grads come
     contiguous (staged: copied into the param's layout before the launch): grads that move are
     repointed launch by launch, the staged one is read where it now is, and nothing is rebuilt."""
@@ -136,7 +253,7 @@ def test_moved_grads_of_two_launches_and_a_staged_grad(monkeypatch, device):
     assert not params[2].is_contiguous()
     opt = fused_optim.AdamW(params, lr=0.05, weight_decay=0.1)
     ref = torch.optim.AdamW(ref_params, lr=0.05, weight_decay=0.1, foreach=False)
-    graveyard = []
+    graveyard, seen = [], []  # seen: how many grads each one-call check was handed
     for step in range(5):
         grads = [torch.randn(p.shape, dtype=p.dtype, device=device) for p in params]  # contiguous
         for p, q, g in zip(params, ref_params, grads):
@@ -145,12 +262,16 @@ def test_moved_grads_of_two_launches_and_a_staged_grad(monkeypatch, device):
         if step == 2:
             plan = opt._caches[0].plan
             assert len(plan.launches) == 2 and not plan.direct and (plan.row_of == -1).sum() == 1
+            # the staged grad is not laid out like its param: the native reads leave it to the
+            # one-call check, which sees every grad
+            assert plan.like_param.tolist() == [1, 1, 0, 1, 1]
+            monkeypatch.setattr(plan, "guards", _counted(plan.guards, seen))
             for name in ("_validate", "_layout", "_plan"):
                 monkeypatch.setattr(opt, name, _refuse(name))
         opt.step()
         ref.step()
         if step >= 2:
-            assert opt._caches[0].plan is plan
+            assert opt._caches[0].plan is plan and seen == [5] * (step - 1)
         for i, (p, q) in enumerate(zip(params, ref_params)):
             tol = TOL[p.dtype][1]
             close(p.detach(), q.detach(), tol, f"param {i} step {step}")

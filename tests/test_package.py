@@ -20,7 +20,8 @@ def test_kernels_is_the_subpackage():
 
 
 def test_wheel_has_no_top_level_kernels(tmp_path):
-    """``pip install .`` installs what this wheel holds."""
+    """``pip install .`` installs what this wheel holds: the package, its kernels as a subpackage
+    and the C++ source of the native reads."""
     out = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-w", str(tmp_path)],
         capture_output=True,
@@ -33,6 +34,7 @@ def test_wheel_has_no_top_level_kernels(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "fused_optim/kernels/adam.py" in names and "fused_optim/kernels/_tables.py" in names
     assert "fused_optim/adam.py" in names
+    assert "fused_optim/_native.cpp" in names  # the native reads build from it at first use
     top = {name.split("/")[0] for name in names}
     assert top == {"fused_optim", f"{wheel.name.split('-')[0]}-{wheel.name.split('-')[1]}.dist-info"}, top
 

@@ -10,7 +10,9 @@ Three measurements of AdamW's ``step()`` call, each the median wall time of the 
   step, so the grads are FSDP2's own reduce-scatter outputs, new at every step. Every rank times
   its ``step()``; the slower rank's median is reported.
 
-fused_optim runs next to ``torch.optim.AdamW`` foreach and for-loop on the same params. Without
+fused_optim runs next to ``torch.optim.AdamW`` foreach and for-loop on the same params, and once
+more with its Python reads (``fused_optim (Python reads)``: where the native reads of
+``fused_optim/_native.py`` are off or could not be built). Without
 CUDA, fused_optim's kernel launches are made no-ops (``timing.kernels_skipped``): Triton's
 interpreter would run them inside the call, so what is timed is this package's Python alone;
 torch's own steps run their (tiny) math. With CUDA the single-process part launches the real
@@ -20,6 +22,7 @@ kernels on the GPU and times the call with the device idle.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -27,6 +30,7 @@ import platform
 import socket
 import sys
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -37,15 +41,27 @@ import fused_optim
 
 from .timing import grad_swapper, host_time_us, kernels_skipped_for
 
-PROVIDERS = ("fused_optim", "torch foreach", "torch for-loop")
+PYTHON_READS = "fused_optim (Python reads)"
+PROVIDERS = ("fused_optim", PYTHON_READS, "torch foreach", "torch for-loop")
 NUMEL = 16  # elements per tensor in the single-process part
 LAYERS_PER_GROUP = 10  # FSDP2 part: Linear layers per fully_shard group
 
 
 def make_optimizer(provider: str, params):
-    if provider == "fused_optim":
+    if provider.startswith("fused_optim"):
         return fused_optim.AdamW(params, lr=1e-3)
     return torch.optim.AdamW(params, lr=1e-3, foreach=provider == "torch foreach")
+
+
+@contextlib.contextmanager
+def timed_as(provider: str, device: torch.device):
+    """Around a provider's steps: fused_optim's launches made no-ops on CPU, and its native reads
+    switched off for ``PYTHON_READS``."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(kernels_skipped_for(provider, device))
+        if provider == PYTHON_READS:
+            stack.enter_context(mock.patch.object(fused_optim._native, "scan", lambda: None))
+        yield
 
 
 def single(n: int, device: torch.device, calls: int, providers=PROVIDERS) -> list[dict]:
@@ -59,7 +75,7 @@ def single(n: int, device: torch.device, calls: int, providers=PROVIDERS) -> lis
             p.grad = torch.randn_like(p)
         opt = make_optimizer(provider, params)
         row = {"part": "single", "tensors": n, "provider": provider, "device": str(device)}
-        with kernels_skipped_for(provider, device):
+        with timed_as(provider, device):
             opt.step()  # lays out state and plans
             row["same_grads_us"] = host_time_us(opt.step, device, calls)
             row["new_grads_us"] = host_time_us(opt.step, device, calls, before=grad_swapper(params))
@@ -104,7 +120,7 @@ def _fsdp_rank(rank: int, world: int, n_params: int, calls: int, providers, out:
                 torch.tanh(model(x)).square().mean().backward()
                 dist.barrier()
 
-            with kernels_skipped_for(provider, torch.device("cpu")):
+            with timed_as(provider, torch.device("cpu")):
                 backward()
                 opt.step()  # lays out state and plans; host_time_us takes one more untimed step
                 backward()

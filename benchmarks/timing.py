@@ -86,5 +86,7 @@ def kernels_skipped():
 
 
 def kernels_skipped_for(provider: str, device: torch.device):
-    """``kernels_skipped()`` where ``provider`` is fused_optim on CPU, else a context that does nothing."""
-    return kernels_skipped() if provider == "fused_optim" and device.type == "cpu" else contextlib.nullcontext()
+    """``kernels_skipped()`` where ``provider`` is fused_optim (any variant) on CPU, else a context
+    that does nothing."""
+    on_cpu = provider.startswith("fused_optim") and device.type == "cpu"
+    return kernels_skipped() if on_cpu else contextlib.nullcontext()

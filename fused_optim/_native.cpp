@@ -57,10 +57,12 @@ struct Keys {
   bool moved_checked = true;  // out: every grad that moved still has its param's meta
 };
 
-// Params read side by side. Reading one param follows a chain of pointers (param object, tensor,
-// autograd meta, grad tensor, grad object, storages; twice as many for DTensor shards), each a
+// DTensor params read side by side. Reading one follows a chain of about eight pointers (param,
+// its local shard, their tensors, autograd meta, grad, the grad's local shard, storages), each a
 // likely cache miss right after backward. Read one param after another, those misses queue; read
 // in lanes, each pass follows one link for every lane and prefetches the next, so they overlap.
+// Measured (2-core EPYC VM): an FSDP2 step 15-20% cheaper; plain params (half the chain) were
+// 10-40% slower in lanes at 10,000 new grads, so they are read one at a time (lanes of 1).
 constexpr int kLanes = 16;
 
 inline void prefetch(const void* p, int lines) {
@@ -144,8 +146,9 @@ bool scan_lanes(PyObject* params, Py_ssize_t start, int m, bool local, Keys& key
 
 bool scan_into(PyObject* params, bool local, Keys& keys, PyObject* grads) {
   const Py_ssize_t n = PyList_GET_SIZE(params);
-  for (Py_ssize_t start = 0; start < n; start += kLanes) {
-    const int m = static_cast<int>(std::min<Py_ssize_t>(kLanes, n - start));
+  const Py_ssize_t lanes = local ? kLanes : 1;
+  for (Py_ssize_t start = 0; start < n; start += lanes) {
+    const int m = static_cast<int>(std::min<Py_ssize_t>(lanes, n - start));
     if (!scan_lanes(params, start, m, local, keys, grads)) return false;
   }
   return true;

@@ -304,14 +304,15 @@ def test_toolchain_reads_real_ptxas_versions():
 
 def test_host_workload_on_cpu(tmp_path):
     """``python -m benchmarks.host`` at CI size: one process (same and new grads) and a 2-process
-    FSDP2 job, fused_optim next to torch foreach and for-loop, every row timed, the targets
+    FSDP2 job, fused_optim (with its native and with its Python reads) next to torch foreach and
+    for-loop, every row timed, the targets
     judged, the results in JSON with the command and machine."""
     out = tmp_path / "host.json"
     args = ["--tensors", "50,200", "--fsdp-params", "20", "--calls", "3", "--out", str(out)]
     text = _run_module("benchmarks.host", *args)
     results = json.loads(out.read_text())
     rows = results["rows"]
-    providers = ["fused_optim", "torch foreach", "torch for-loop"]
+    providers = ["fused_optim", "fused_optim (Python reads)", "torch foreach", "torch for-loop"]
     assert [(r["part"], r["tensors"], r["provider"]) for r in rows] == [
         *(("single", n, p) for n in (50, 200) for p in providers),
         *(("fsdp2", 20, p) for p in providers),

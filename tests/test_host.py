@@ -6,6 +6,7 @@ grads' local shards in bulk and checks nothing else again. Behaviour, not timing
 from __future__ import annotations
 
 import copy
+import sys
 
 import numpy as np
 import pytest
@@ -79,16 +80,21 @@ def _groups(device, mesh):
     gaps = leaves(random_tensors(SHAPES, torch.float32, 1, device))
     gaps[0].grad = torch.randn(SHAPES[0], device=device)
     gaps[2].grad = torch.randn(SHAPES[2], device=device).to_sparse()
-    sharded = [torch.nn.Parameter(distribute_tensor(torch.randn(s, device=device), mesh, [Shard(0)])) for s in SHAPES]
-    for p in sharded[1:]:
-        p.grad = distribute_tensor(torch.randn(p.shape, device=device), mesh, [Shard(0)])
+
+    # more than one batch of the native reads' lanes (16), the last one partial
+    def shard(shape):
+        return distribute_tensor(torch.randn(shape, device=device), mesh, [Shard(0)])
+
+    sharded = [torch.nn.Parameter(shard(s)) for s in SHAPES * 5]
+    for p in sharded[1::3]:
+        p.grad = shard(p.shape)
     empty = torch.nn.Parameter(torch.zeros(0, device=device))
     return [
         ("plain, views at offsets, not contiguous", plain, True),
         ("missing and sparse grads", gaps, True),
-        ("DTensor params, one without a grad", sharded, True),
+        ("DTensor params, some without a grad", sharded, True),
         ("no params", [], True),
-        ("DTensor and plain params", [*sharded, *plain], False),
+        ("DTensor and plain params (in the second lane batch)", [*sharded, *plain], False),
         ("an empty param", [*plain, empty], False),
     ]
 
@@ -103,7 +109,12 @@ def test_native_and_python_reads_agree(monkeypatch, device):
         for name, params, answers in _groups(device, mesh):
             local = bool(params) and _plans._dtensor.is_dtensor(params[0])
             pkey, gkey = np.zeros(len(params), np.int64), np.zeros(len(params), np.int64)
-            assert (scan(params, local, pkey, gkey) is not None) == answers, name
+            grads = [p.grad for p in params if p.grad is not None]
+            objects = [*params, *grads, *map(_plans._dtensor.local, grads)]
+            counts = [sys.getrefcount(o) for o in objects]
+            for _ in range(3):  # whatever it answers, it leaves no reference behind
+                assert (scan(params, local, pkey, gkey) is not None) == answers, name
+            assert [sys.getrefcount(o) for o in objects] == counts, name
             native = _plans._shards(params)
             with monkeypatch.context() as m:
                 m.setattr(_native, "scan", lambda: None)

@@ -60,7 +60,7 @@ def timed_as(provider: str, device: torch.device):
     with contextlib.ExitStack() as stack:
         stack.enter_context(kernels_skipped_for(provider, device))
         if provider == PYTHON_READS:
-            stack.enter_context(mock.patch.object(fused_optim._native, "scan", lambda: None))
+            stack.enter_context(mock.patch.object(fused_optim._native, "module", lambda: None))
         yield
 
 

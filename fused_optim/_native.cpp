@@ -1,8 +1,12 @@
-// The per-step read of the plan check (fused_optim/_plans.py, `_shards`) in one call: every
+// The per-step reads of the plan check (fused_optim/_plans.py, `_shards`) in one call: every
 // param's grad and the storage addresses of the params and grads (their local shards for DTensor
-// params), which the Python path reads one attribute at a time. Built at first use by
-// fused_optim/_native.py with torch's extension builder, against the installed torch.
+// params), which the Python path reads one attribute at a time; and, for grads that moved since
+// the plan was made, whether each still has the dtype, device, shape and strides of the grad the
+// plan was checked with. Built at first use by fused_optim/_native.py with torch's extension
+// builder, against the installed torch.
 #include <torch/csrc/autograd/python_variable.h>
+
+#include <algorithm>
 
 #define FO_CAT2(a, b) a##b
 #define FO_CAT(a, b) FO_CAT2(a, b)
@@ -15,6 +19,35 @@ constexpr int64_t kNoGrad = -2;      // the Python path's key for a param withou
 constexpr int64_t kNotStrided = -1;  // ... and for a sparse grad
 PyObject* local_name = nullptr;      // "_local_tensor": a DTensor's local shard
 
+// --- a tensor's metadata as a row of int64 -----------------------------------------------------
+// [kind, ndim, sizes (kMaxDims), strides (kMaxDims)]; kind: dtype | device type << 8 |
+// (device index + 1) << 16, or -1 for a tensor not described (none, not strided, more dims).
+constexpr int kMaxDims = 6;
+constexpr int kMetaWidth = 2 + 2 * kMaxDims;
+
+int64_t kind(const at::Tensor& t) {
+  if (t.layout() != at::kStrided || t.dim() > kMaxDims) return -1;
+  const c10::Device device = t.device();
+  return static_cast<int64_t>(t.scalar_type()) | static_cast<int64_t>(device.type()) << 8 |
+         static_cast<int64_t>(device.index() + 1) << 16;
+}
+
+void describe_into(const at::Tensor* t, int64_t* row) {
+  std::fill(row, row + kMetaWidth, 0);
+  row[0] = t == nullptr ? -1 : kind(*t);
+  if (row[0] < 0) return;
+  row[1] = t->dim();
+  std::copy(t->sizes().begin(), t->sizes().end(), row + 2);
+  std::copy(t->strides().begin(), t->strides().end(), row + 2 + kMaxDims);
+}
+
+bool matches(const at::Tensor& t, const int64_t* row) {
+  if (row[0] < 0 || kind(t) != row[0] || t.dim() != row[1]) return false;
+  return std::equal(t.sizes().begin(), t.sizes().end(), row + 2) &&
+         std::equal(t.strides().begin(), t.strides().end(), row + 2 + kMaxDims);
+}
+
+// --- reading params ----------------------------------------------------------------------------
 // `obj` itself (a new reference), or its local shard when `local`; nullptr (no error set) where
 // `obj` is not a tensor or has no local shard.
 PyObject* shard(PyObject* obj, bool local) {
@@ -43,30 +76,27 @@ bool address(const at::Tensor& t, int64_t* out) {
   return true;
 }
 
-// Same dtype, device, shape and strides: a moved grad that still matches its param.
-bool same_meta(const at::Tensor& a, const at::Tensor& b) {
-  return a.dtype() == b.dtype() && a.device() == b.device() && a.sizes().equals(b.sizes()) &&
-         a.strides().equals(b.strides());
-}
-
 struct Keys {
-  int64_t* pkey;              // out: the params' addresses
-  int64_t* gkey;              // out: the grads' addresses
-  const int64_t* old_gkey;    // the cached plan's grad addresses, or nullptr
-  const uint8_t* like_param;  // per position: the plan's grad had its param's meta
-  bool moved_checked = true;  // out: every grad that moved still has its param's meta
+  int64_t* pkey;                   // out: the params' addresses
+  int64_t* gkey;                   // out: the grads' addresses
+  const int64_t* old_gkey;         // the cached plan's grad addresses, or nullptr
+  const int64_t* meta;             // ... and its grads' metadata rows
+  bool moved_checked = true;       // out: every grad that moved has its row's metadata
 };
 
-// DTensor params read side by side. Reading one follows a chain of about eight pointers (param,
-// its local shard, their tensors, autograd meta, grad, the grad's local shard, storages), each a
-// likely cache miss right after backward. Read one param after another, those misses queue; read
-// in lanes, each pass follows one link for every lane and prefetches the next, so they overlap.
-// Measured (2-core EPYC VM): an FSDP2 step 15-20% cheaper; plain params (half the chain) were
-// 10-40% slower in lanes at 10,000 new grads, so they are read one at a time (lanes of 1).
+// DTensor params are read side by side. Reading one follows a chain of about eight pointers
+// (param, its local shard, their tensors, autograd meta, grad, the grad's local shard, storages),
+// each a likely cache miss right after backward. Read one param after another, those misses
+// queue; read in lanes, each pass follows one link for every lane and prefetches the next, so
+// they overlap. Measured (2-core EPYC VM): an FSDP2 step 15-20% cheaper; plain params (half the
+// chain) were 10-40% slower in lanes at 10,000 new grads, so they are read one at a time.
 constexpr int kLanes = 16;
 
 inline void prefetch(const void* p, int lines) {
+#if defined(__GNUC__) || defined(__clang__)
+  if (p == nullptr) return;
   for (int k = 0; k < lines; ++k) __builtin_prefetch(static_cast<const char*>(p) + 64 * k);
+#endif
 }
 
 inline void prefetch_storage(const c10::TensorImpl* t) {
@@ -78,39 +108,60 @@ inline c10::TensorImpl* impl(PyObject* obj) {
 }
 
 struct Lane {
-  PyObject* p = nullptr;              // the param (borrowed from the list)
-  PyObject* p_shard = nullptr;        // the param or its local shard (a new reference)
-  const at::Tensor* grad = nullptr;   // the param's grad (held by the param)
-  PyObject* g_shard = nullptr;        // the grad or its local shard (the list holds it)
+  PyObject* p = nullptr;             // the param (a new reference: Python may run in between)
+  PyObject* p_shard = nullptr;       // the param or its local shard (a new reference)
+  const at::Tensor* grad = nullptr;  // the param's grad (held by the param)
+  PyObject* g_shard = nullptr;       // the grad or its local shard (the list holds it)
+};
+
+struct Release {  // the lanes' references, released however a batch ends (C++ exceptions too)
+  Lane* lane;
+  int m;
+  ~Release() {
+    for (int l = 0; l < m; ++l) {
+      Py_XDECREF(lane[l].p_shard);
+      Py_XDECREF(lane[l].p);
+      lane[l] = Lane{};
+    }
+  }
 };
 
 // Params [start, start + m): fills their keys and grads, or returns false where a param is not a
-// tensor or has no storage (DTensor params not flagged `local`, params without a local shard where
-// they are), whose key only the Python path knows.
-bool scan_lanes(PyObject* params, Py_ssize_t start, int m, bool local, Keys& keys, PyObject* grads) {
-  Lane lanes[kLanes];
-  bool ok = true;
-  for (int l = 0; l < m; ++l) prefetch(lanes[l].p = PyList_GET_ITEM(params, start + l), 2);
-  for (int l = 0; l < m && ok; ++l) {
-    Lane& a = lanes[l];
-    ok = THPVariable_Check(a.p) && (a.p_shard = shard(a.p, local)) != nullptr;
-    if (ok) prefetch(a.p_shard, 2), prefetch(impl(a.p), 4);
+// tensor with storage (a DTensor among plain params, a plain param among DTensor ones, an empty
+// plain param), whose key only the Python path knows.
+bool scan_lanes(Lane* lane, PyObject* params, Py_ssize_t start, int m, bool local, Keys& keys, PyObject* grads) {
+  if (PyList_GET_SIZE(params) < start + m) return false;  // the list shrank meanwhile
+  const Release release{lane, m};  // leaves the lanes as it found them, empty
+  for (int l = 0; l < m; ++l) {
+    lane[l].p = PyList_GET_ITEM(params, start + l);
+    Py_INCREF(lane[l].p);
+    prefetch(lane[l].p, 2);
   }
-  for (int l = 0; l < m && ok; ++l) {
-    prefetch(impl(lanes[l].p_shard), 4);
-    prefetch(impl(lanes[l].p)->autograd_meta(), 4);
+  for (int l = 0; l < m; ++l) {
+    Lane& a = lane[l];
+    if (!THPVariable_Check(a.p) || (a.p_shard = shard(a.p, local)) == nullptr) return false;
+    prefetch(a.p_shard, 2);
+    prefetch(impl(a.p), 4);
   }
-  for (int l = 0; l < m && ok; ++l) {
-    Lane& a = lanes[l];
+  for (int l = 0; l < m; ++l) {
+    prefetch(impl(lane[l].p_shard), 4);
+    prefetch(impl(lane[l].p)->autograd_meta(), 4);
+  }
+  for (int l = 0; l < m; ++l) {
+    Lane& a = lane[l];
     prefetch_storage(impl(a.p_shard));
     a.grad = &THPVariable_Unpack(a.p).grad();
     if (a.grad->defined()) prefetch(a.grad->unsafeGetTensorImpl(), 4);
   }
-  for (int l = 0; l < m && ok; ++l) {
-    Lane& a = lanes[l];
+  for (int l = 0; l < m; ++l) {
+    Lane& a = lane[l];
     const Py_ssize_t i = start + l;
-    ok = address(THPVariable_Unpack(a.p_shard), &keys.pkey[i]) && keys.pkey[i] > 0;  // 0: empty, or a DTensor
-    if (!ok) break;                                                                    // among plain params
+    const at::Tensor& param = THPVariable_Unpack(a.p_shard);
+    // plain params: address 0 is an empty tensor or a DTensor among them, which the Python path
+    // sorts out; DTensor shards: 0 is an empty local shard, which it keeps
+    if (param.layout() != at::kStrided || !address(param, &keys.pkey[i]) || keys.pkey[i] < (local ? 0 : 1)) {
+      return false;
+    }
     if (!a.grad->defined()) {
       keys.gkey[i] = kNoGrad;
       Py_INCREF(Py_None);
@@ -120,59 +171,48 @@ bool scan_lanes(PyObject* params, Py_ssize_t start, int m, bool local, Keys& key
     PyObject* g = THPVariable_Wrap(*a.grad);
     a.g_shard = g == nullptr ? nullptr : shard(g, local);
     Py_XDECREF(g);
-    ok = a.g_shard != nullptr;
-    if (ok) PyList_SET_ITEM(grads, i, a.g_shard), prefetch(a.g_shard, 2);  // the list owns it from here
+    if (a.g_shard == nullptr) return false;
+    PyList_SET_ITEM(grads, i, a.g_shard);  // the list owns it from here
+    prefetch(a.g_shard, 2);
   }
-  for (int l = 0; l < m && ok; ++l) {
-    if (lanes[l].g_shard != nullptr && local) prefetch(impl(lanes[l].g_shard), 4);
+  for (int l = 0; l < m; ++l) {
+    if (lane[l].g_shard != nullptr && local) prefetch(impl(lane[l].g_shard), 4);
   }
-  for (int l = 0; l < m && ok; ++l) {
-    if (lanes[l].g_shard != nullptr) prefetch_storage(impl(lanes[l].g_shard));
+  for (int l = 0; l < m; ++l) {
+    if (lane[l].g_shard != nullptr) prefetch_storage(impl(lane[l].g_shard));
   }
-  for (int l = 0; l < m && ok; ++l) {
-    Lane& a = lanes[l];
+  for (int l = 0; l < m; ++l) {
     const Py_ssize_t i = start + l;
-    if (a.g_shard == nullptr) continue;  // no grad
-    const at::Tensor& g = THPVariable_Unpack(a.g_shard);
-    ok = address(g, &keys.gkey[i]);
-    if (ok && keys.old_gkey != nullptr && keys.gkey[i] != keys.old_gkey[i]) {
-      keys.moved_checked = keys.moved_checked && keys.like_param[i] && keys.gkey[i] > 0 &&
-                           keys.old_gkey[i] > 0 && same_meta(g, THPVariable_Unpack(a.p_shard));
+    const at::Tensor* g = lane[l].g_shard == nullptr ? nullptr : &THPVariable_Unpack(lane[l].g_shard);
+    if (g != nullptr && !address(*g, &keys.gkey[i])) return false;
+    if (keys.old_gkey != nullptr && keys.gkey[i] != keys.old_gkey[i]) {  // moved, appeared or vanished
+      keys.moved_checked = keys.moved_checked && g != nullptr && keys.gkey[i] > 0 && keys.old_gkey[i] > 0 &&
+                           matches(*g, keys.meta + i * kMetaWidth);
     }
-  }
-  for (int l = 0; l < m; ++l) Py_XDECREF(lanes[l].p_shard);
-  return ok;
-}
-
-bool scan_into(PyObject* params, bool local, Keys& keys, PyObject* grads) {
-  const Py_ssize_t n = PyList_GET_SIZE(params);
-  const Py_ssize_t lanes = local ? kLanes : 1;
-  for (Py_ssize_t start = 0; start < n; start += lanes) {
-    const int m = static_cast<int>(std::min<Py_ssize_t>(lanes, n - start));
-    if (!scan_lanes(params, start, m, local, keys, grads)) return false;
   }
   return true;
 }
 
-// A C-contiguous buffer of n items of `itemsize` bytes (`writable`), or nullptr with an error set.
-void* buffer(PyObject* obj, Py_buffer* view, Py_ssize_t n, Py_ssize_t itemsize, bool writable) {
+// --- the module's functions --------------------------------------------------------------------
+// A C-contiguous int64 buffer of `count` items (`writable`), or nullptr with an error set.
+int64_t* int64_buffer(PyObject* obj, Py_buffer* view, Py_ssize_t count, bool writable) {
   const int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0);
   if (PyObject_GetBuffer(obj, view, flags) < 0) return nullptr;
   const char kind = view->format == nullptr ? 0 : view->format[0];
-  const bool integer = itemsize == 8 ? kind == 'q' || kind == 'l' : kind == 'B' || kind == '?';
-  if (view->itemsize != itemsize || view->len != n * itemsize || !integer) {
+  if (view->itemsize != 8 || view->len != count * 8 || (kind != 'q' && kind != 'l')) {
     PyBuffer_Release(view);
-    PyErr_SetString(PyExc_ValueError, "scan: keys must be int64 (like_param: uint8) arrays as long as params");
+    PyErr_SetString(PyExc_ValueError, "fused_optim native reads: int64 arrays of the wrong size");
     return nullptr;
   }
-  return view->buf;
+  return static_cast<int64_t*>(view->buf);
 }
 
-// scan(params: list, local: bool, pkey: int64 array, gkey: int64 array[, old_gkey: int64 array,
-// like_param: uint8 array]) -> (grads: list, moved_checked: bool), or None for the Python path.
+// scan(params: list, local: bool, pkey, gkey[, old_gkey, meta]) -> (grads: list, moved_checked:
+// bool), or None for the Python path. pkey, gkey (written) and old_gkey: int64 arrays as long as
+// params; meta: the plan's grads' rows from describe().
 PyObject* scan(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   if ((nargs != 4 && nargs != 6) || !PyList_Check(args[0])) {
-    PyErr_SetString(PyExc_TypeError, "scan(params: list, local: bool, pkey, gkey[, old_gkey, like_param])");
+    PyErr_SetString(PyExc_TypeError, "scan(params: list, local: bool, pkey, gkey[, old_gkey, meta])");
     return nullptr;
   }
   PyObject* params = args[0];
@@ -180,36 +220,65 @@ PyObject* scan(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   const int local = PyObject_IsTrue(args[1]);
   if (local < 0) return nullptr;
   Py_buffer views[4];
+  int64_t* bufs[4] = {nullptr, nullptr, nullptr, nullptr};
+  const int wanted = static_cast<int>(nargs) - 2;
   int held = 0;
-  Keys keys{};
-  void* bufs[4] = {nullptr, nullptr, nullptr, nullptr};
-  for (; held < nargs - 2; ++held) {
-    bufs[held] = buffer(args[2 + held], &views[held], n, held == 3 ? 1 : 8, held < 2);
+  for (; held < wanted; ++held) {
+    bufs[held] = int64_buffer(args[2 + held], &views[held], held == 3 ? n * kMetaWidth : n, held < 2);
     if (bufs[held] == nullptr) break;
   }
-  PyObject* grads = held == nargs - 2 ? PyList_New(n) : nullptr;
+  PyObject* grads = held == wanted ? PyList_New(n) : nullptr;
   bool ok = grads != nullptr;
   if (ok) {
-    keys.pkey = static_cast<int64_t*>(bufs[0]);
-    keys.gkey = static_cast<int64_t*>(bufs[1]);
-    keys.old_gkey = static_cast<const int64_t*>(bufs[2]);
-    keys.like_param = static_cast<const uint8_t*>(bufs[3]);
+    Keys keys{bufs[0], bufs[1], bufs[2], bufs[3]};
     try {
-      ok = scan_into(params, local, keys, grads);
+      Lane lanes[kLanes];
+      const Py_ssize_t step = local ? kLanes : 1;
+      for (Py_ssize_t start = 0; ok && start < n; start += step) {
+        ok = scan_lanes(lanes, params, start, static_cast<int>(std::min(step, n - start)), local, keys, grads);
+      }
     } catch (...) {  // a tensor whose storage cannot be read: the Python path decides
       ok = false;
     }
+    if (ok) grads = Py_BuildValue("(NO)", grads, keys.moved_checked ? Py_True : Py_False);
   }
   for (int i = 0; i < held; ++i) PyBuffer_Release(&views[i]);
-  if (held != nargs - 2) return nullptr;  // a bad key array: its error stands
-  if (ok) return Py_BuildValue("(NO)", grads, keys.moved_checked ? Py_True : Py_False);
+  if (held != wanted) return nullptr;  // a bad array: its error stands
+  if (ok) return grads;
   Py_XDECREF(grads);  // releases the grads set so far; unset items are NULL, which it skips
   PyErr_Clear();
   Py_RETURN_NONE;
 }
 
+// describe(tensors: list, meta: int64 array of len(tensors) * width): fills one row per tensor
+// (None, sparse or of more than kMaxDims dims: a row that matches nothing).
+PyObject* describe(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 2 || !PyList_Check(args[0])) {
+    PyErr_SetString(PyExc_TypeError, "describe(tensors: list, meta)");
+    return nullptr;
+  }
+  const Py_ssize_t n = PyList_GET_SIZE(args[0]);
+  Py_buffer view;
+  int64_t* meta = int64_buffer(args[1], &view, n * kMetaWidth, true);
+  if (meta == nullptr) return nullptr;
+  bool ok = true;
+  try {
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      PyObject* t = PyList_GET_ITEM(args[0], i);
+      describe_into(THPVariable_Check(t) ? &THPVariable_Unpack(t) : nullptr, meta + i * kMetaWidth);
+    }
+  } catch (...) {  // rows that match nothing: every moved grad is then checked in Python
+    ok = false;
+    std::fill(meta, meta + n * kMetaWidth, -1);
+  }
+  PyBuffer_Release(&view);
+  if (!ok) PyErr_Clear();
+  Py_RETURN_NONE;
+}
+
 PyMethodDef methods[] = {
     {"scan", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(scan)), METH_FASTCALL, nullptr},
+    {"describe", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(describe)), METH_FASTCALL, nullptr},
     {nullptr, nullptr, 0, nullptr},
 };
 
@@ -220,5 +289,7 @@ PyModuleDef module = {PyModuleDef_HEAD_INIT, FO_STR(TORCH_EXTENSION_NAME), nullp
 PyMODINIT_FUNC FO_CAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
   local_name = PyUnicode_InternFromString("_local_tensor");
   if (local_name == nullptr) return nullptr;
-  return PyModule_Create(&module);
+  PyObject* m = PyModule_Create(&module);
+  if (m != nullptr && PyModule_AddIntConstant(m, "META_WIDTH", kMetaWidth) < 0) Py_CLEAR(m);
+  return m;
 }

@@ -231,7 +231,6 @@ class PlansMixin:
         launch_of = np.full(len(grads), -1, dtype=np.int64)
         row_of = np.full(len(grads), -1, dtype=np.int64)
         meta = [None] * len(grads)
-        like_param = np.zeros(len(grads), dtype=np.uint8)
         for index, launch in enumerate(launches):
             staged = {pos for pos, _ in launch.stage_grads}
             positions = launch.seg.group_index[launch.rows]
@@ -241,11 +240,9 @@ class PlansMixin:
             for pos in positions.tolist():
                 g = grads[pos]
                 meta[pos] = (g.dtype, g.device, g.shape, g.stride())
-                p = _dtensor.local(group["params"][pos])
-                like_param[pos] = meta[pos] == (p.dtype, p.device, p.shape, p.stride())
         return Plan(
             pkey, gkey, self._signature(group), launches, sparse,
-            launch_of=launch_of, row_of=row_of, meta=meta, like_param=like_param,
+            launch_of=launch_of, row_of=row_of, meta=meta, meta_rows=_meta_rows(grads, meta),
             guards=grad_guards(grads) if all(m is not None for m in meta) else None,
             direct=len(launches) == 1 and launches[0].tables is not None and (row_of == np.arange(len(grads))).all(),
         )  # fmt: skip
@@ -263,18 +260,18 @@ def _shards(params, plan: Plan | None = None) -> tuple[np.ndarray | None, np.nda
     """(pkey, gkey, grads, checked): the params' storage key (their local shards' addresses; None
     where one has no storage), the grads' key (their addresses; -2: no grad, -1: sparse), the grads
     as the kernels read them (local shards of DTensor grads) and whether every grad that moved since
-    ``plan`` was made still has the dtype, device, shape and strides of its param, as its grad had
-    then (``Plan.like_param``). In one C++ call where ``_native`` is built, else in Python (which
-    leaves the moved grads unchecked)."""
-    scan = _native.scan()
-    if scan is not None:
+    ``plan`` was made still has the dtype, device, shape and strides of the grad the plan was
+    checked with (``Plan.meta_rows``). In one C++ call where ``_native`` is built, else in Python
+    (which leaves the moved grads to ``_grad_moves``' checks)."""
+    native = _native.module()
+    if native is not None:
         n = len(params)
         pkey, gkey = np.empty(n, np.int64), np.empty(n, np.int64)
         local = bool(params) and _dtensor.is_dtensor(params[0])
-        if plan is not None and len(plan.gkey) == n:
-            out = scan(params, local, pkey, gkey, plan.gkey, plan.like_param)
+        if plan is not None and plan.meta_rows is not None and len(plan.gkey) == n:
+            out = native.scan(params, local, pkey, gkey, plan.gkey, plan.meta_rows)
         else:
-            out = scan(params, local, pkey, gkey)
+            out = native.scan(params, local, pkey, gkey)
         if out is not None:
             return pkey, gkey, *out
     pkey, grads = _python_shards(params)
@@ -318,18 +315,16 @@ def _grad_moves(plan: Plan, grads, gkey: np.ndarray, checked: bool = False) -> l
     the one the plan was checked with in dtype, device, shape and strides, so every check and
     layout decision still holds. Otherwise (a grad appeared, vanished, turned sparse or changed)
     None: the full check then runs and raises where torch would. ``checked``: the native reads
-    found every moved grad like its param, as its grad was (``_shards``)."""
+    found every moved grad like the plan's (``_shards``)."""
     if len(gkey) != len(plan.gkey):
         return None
     old, new = plan.gkey, gkey
     changed = np.flatnonzero(old != new)
-    # the C++ check next; where it says no (or inside a TorchDispatchMode, whose dispatch key it
-    # sees), the exact check one grad at a time decides
-    if (
-        not checked
-        and not (plan.guards is not None and plan.guards(*grads))
-        and not _same_grads(plan, grads, changed, old, new)
-    ):
+    if (old[changed] <= 0).any() or (new[changed] <= 0).any():  # -2: no grad, -1: sparse, 0: empty
+        return None
+    # checked by the native reads, else by TorchDynamo's C++ check; where that says no (or inside
+    # a TorchDispatchMode, whose dispatch key it sees), the exact check one grad at a time decides
+    if not checked and not (plan.guards is not None and plan.guards(*grads)) and not _same_grads(plan, grads, changed):
         return None
     if plan.direct:  # one launch, whose table rows are the group's positions in order
         return [(plan.launches[0], changed, new[changed])]
@@ -343,15 +338,24 @@ def _grad_moves(plan: Plan, grads, gkey: np.ndarray, checked: bool = False) -> l
     return moves
 
 
-def _same_grads(plan: Plan, grads, changed: np.ndarray, old: np.ndarray, new: np.ndarray) -> bool:
+def _same_grads(plan: Plan, grads, changed: np.ndarray) -> bool:
     """``_grad_moves``' check, one moved grad at a time."""
-    if (old[changed] <= 0).any() or (new[changed] <= 0).any():  # -2: no grad, -1: sparse, 0: empty
-        return False
     for i in changed.tolist():
         g, meta = grads[i], plan.meta[i]
         if meta is None or (g.dtype, g.device, g.shape, g.stride()) != meta:
             return False
     return True
+
+
+def _meta_rows(grads, meta: list) -> np.ndarray | None:
+    """The native reads' rows of the metadata of the grads a plan was checked with (``meta`` not
+    None), to check moved grads against; None without the native reads."""
+    native = _native.module()
+    if native is None:
+        return None
+    rows = np.empty((len(grads), native.META_WIDTH), np.int64)
+    native.describe([g if m is not None else None for g, m in zip(grads, meta)], rows)
+    return rows
 
 
 def _tensor_guards():

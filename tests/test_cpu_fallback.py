@@ -89,8 +89,9 @@ KERNEL_ONLY = [
 
 def _pytest_through_the_fallback(*args: str) -> str:
     """stdout of pytest run on ``args`` in a process where conftest.py leaves the interpreter off
-    (FUSED_OPTIM_TEST_FALLBACK=1), so CPU params take torch.optim's own implementation."""
-    env = {**_fallback_env(), "FUSED_OPTIM_TEST_FALLBACK": "1"}
+    (FUSED_OPTIM_TEST_FALLBACK=1), so CPU params take torch.optim's own implementation. The plan
+    check reads in Python there (FUSED_OPTIM_NATIVE=0): the suite's other run has the native reads."""
+    env = {**_fallback_env(), "FUSED_OPTIM_TEST_FALLBACK": "1", "FUSED_OPTIM_NATIVE": "0"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args],

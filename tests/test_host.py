@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -42,28 +43,34 @@ def _key(grads):
     return np.array([g.data_ptr() for g in grads], np.int64)
 
 
+def _built():
+    native = _native.module()
+    assert native is not None, _native.reason
+    return native
+
+
 @pytest.fixture(params=["native", "python"], ids=["native reads", "python reads"])
 def reads(request, monkeypatch):
     """Each test below runs with the native reads, which must answer every step themselves (built
     here: CI has a C++ compiler), and with the Python reads alone."""
     if request.param == "python":
-        monkeypatch.setattr(_native, "scan", lambda: None)
+        monkeypatch.setattr(_native, "module", lambda: None)
         return request.param
-    built = _native.scan()
-    assert built is not None, _native.reason
+    built = _built()
 
     def must_answer(*args):
-        out = built(*args)
+        out = built.scan(*args)
         assert out is not None, "the native reads handed a plain or FSDP2 group to the Python path"
         return out
 
-    monkeypatch.setattr(_native, "scan", lambda: must_answer)
+    answering = SimpleNamespace(scan=must_answer, describe=built.describe, META_WIDTH=built.META_WIDTH)
+    monkeypatch.setattr(_native, "module", lambda: answering)
     return request.param
 
 
 def test_torch_has_the_one_call_grad_check():
     """The installed torch offers the C++ check (``_plans._tensor_guards`` probed its answers):
-    the fast path below is the one CI exercises, not the one-grad-at-a-time fallback."""
+    the fast path of the Python reads is the one CI exercises, not the one-grad-at-a-time one."""
     assert _plans._TensorGuards is not None
 
 
@@ -85,7 +92,7 @@ def _groups(device, mesh):
     def shard(shape):
         return distribute_tensor(torch.randn(shape, device=device), mesh, [Shard(0)])
 
-    sharded = [torch.nn.Parameter(shard(s)) for s in SHAPES * 5]
+    sharded = [torch.nn.Parameter(shard(s)) for s in [*SHAPES * 5, (0, 3)]]  # an empty local shard too
     for p in sharded[1::3]:
         p.grad = shard(p.shape)
     empty = torch.nn.Parameter(torch.zeros(0, device=device))
@@ -103,8 +110,7 @@ def test_native_and_python_reads_agree(monkeypatch, device):
     """``_shards`` returns the same keys and the very same grad objects with the native reads as
     with the Python reads; the native reads answer plain and FSDP2 groups themselves and hand the
     rest (a DTensor among plain params, a param without storage to address) to the Python path."""
-    scan = _native.scan()
-    assert scan is not None, _native.reason
+    scan = _built().scan
     with one_rank_mesh(device) as mesh:
         for name, params, answers in _groups(device, mesh):
             local = bool(params) and _plans._dtensor.is_dtensor(params[0])
@@ -117,43 +123,79 @@ def test_native_and_python_reads_agree(monkeypatch, device):
             assert [sys.getrefcount(o) for o in objects] == counts, name
             native = _plans._shards(params)
             with monkeypatch.context() as m:
-                m.setattr(_native, "scan", lambda: None)
+                m.setattr(_native, "module", lambda: None)
                 python = _plans._shards(params)
             assert python[0] is not None and np.array_equal(native[0], python[0]), name
             assert np.array_equal(native[1], python[1]), name
             assert len(native[2]) == len(python[2]) and all(a is b for a, b in zip(native[2], python[2])), name
             if answers:
                 assert np.array_equal(native[0], pkey) and np.array_equal(native[1], gkey), name
-    with pytest.raises(ValueError, match="arrays as long as params"):
+    with pytest.raises(ValueError, match="int64 arrays of the wrong size"):
         scan([torch.nn.Parameter(torch.ones(2))], False, np.zeros(1, np.int32), np.zeros(1, np.int64))
 
 
-def test_native_reads_check_moved_grads_against_their_params(device):
-    """Given the plan's grad addresses, the native reads say whether every grad that moved still has
-    its param's dtype, device, shape and strides, and only where the plan's grad had them too."""
-    scan = _native.scan()
-    assert scan is not None, _native.reason
+def test_native_reads_check_moved_grads_against_the_plans(device):
+    """Given the plan's grad addresses and metadata rows, the native reads say whether every grad
+    that moved still has the dtype, device, shape and strides of the plan's grad: not for a grad
+    that vanished or turned sparse, nor where the param itself was reshaped at the same address."""
+    native = _built()
     params = leaves(random_tensors(SHAPES, torch.float32, 0, device))
     for p in params:
         p.grad = torch.randn(p.shape, device=device)
     n = len(params)
     keys = np.zeros(n, np.int64), np.zeros(n, np.int64)
-    grads, checked = scan(params, False, *keys)
-    old, like = keys[1].copy(), np.ones(n, np.uint8)
+    grads, checked = native.scan(params, False, *keys)
     assert checked and all(g is p.grad for g, p in zip(grads, params))
+    old, rows = keys[1].copy(), np.zeros((n, native.META_WIDTH), np.int64)
+    native.describe([p.grad for p in params], rows)
 
-    def moved(grad, like_param=like):
+    def moved(grad, meta=rows):
         kept, params[0].grad = params[0].grad, grad
         try:
-            return scan(params, False, *keys, old, like_param)[1]
+            return native.scan(params, False, *keys, old, meta)[1]
         finally:
             params[0].grad = kept
 
-    assert moved(torch.randn(SHAPES[0], device=device))
-    assert not moved(torch.randn(SHAPES[0], device=device), np.array([0, 1, 1, 1], np.uint8))
-    assert not moved(torch.randn(SHAPES[0][::-1], device=device).t())  # strides
-    assert not moved(torch.randn(SHAPES[0], device=device).to_sparse())
     assert moved(params[0].grad)  # nothing moved
+    assert moved(torch.randn(SHAPES[0], device=device))
+    assert not moved(torch.randn(SHAPES[0][::-1], device=device).t())  # strides
+    doubles = rows.copy()  # the plan's grad of param 0 was float64 (a DTensor's local grad can be)
+    native.describe([torch.zeros(SHAPES[0], dtype=torch.float64, device=device), *grads[1:]], doubles)
+    assert not moved(torch.randn(SHAPES[0], device=device), doubles)
+    assert not moved(torch.randn(SHAPES[0], device=device).to_sparse())
+    assert not moved(None)
+    unknown = rows.copy()
+    native.describe([None, *(p.grad for p in params[1:])], unknown)  # no plan metadata for param 0
+    assert not moved(torch.randn(SHAPES[0], device=device), unknown)
+    params[0].grad = None
+    params[0].data = params[0].data.view(SHAPES[0][::-1])  # the param reshaped, at the same address
+    params[0].grad = torch.randn(SHAPES[0][::-1], device=device)  # and its grad with it
+    assert not native.scan(params, False, *keys, old, rows)[1]
+
+
+def test_a_grad_that_vanishes_while_others_move_rebuilds_the_plan(device, reads):
+    """One param loses its grad at the step where every other grad moved: the plan is rebuilt and
+    the step matches torch, which skips that param."""
+    init = random_tensors(SHAPES, torch.float32, 0, device)
+    params, ref_params = leaves(init), leaves(init)
+    opt = fused_optim.AdamW(params, lr=0.05, weight_decay=0.1)
+    ref = torch.optim.AdamW(ref_params, lr=0.05, weight_decay=0.1, foreach=False)
+    graveyard = []
+    for step in range(4):
+        grads = random_tensors(SHAPES, torch.float32, 10 + step, device)
+        for i, (p, q, g) in enumerate(zip(params, ref_params, grads)):
+            gone = step == 3 and i == 1
+            p.grad, q.grad = (None, None) if gone else (g.clone(), g.clone())
+        graveyard.append([p.grad for p in params])
+        plan = opt._caches[0].plan if opt._caches else None
+        opt.step()
+        ref.step()
+        if step == 3:
+            assert opt._caches[0].plan is not plan
+        for i, (p, q) in enumerate(zip(params, ref_params)):
+            close(p.detach(), q.detach(), TOL[torch.float32][1], f"param {i} step {step}")
+            for key, value in ref.state[q].items():
+                close(opt.state[p][key], value, TOL[torch.float32][1], f"{key} of param {i} step {step}")
 
 
 @pytest.mark.parametrize("one_call", [True, False], ids=["one C++ call", "one grad at a time"])
@@ -180,8 +222,8 @@ def test_moved_grads_rebuild_nothing_and_are_checked(monkeypatch, device, one_ca
                 monkeypatch.setattr(opt, name, _refuse(name))
             if one_call:
                 monkeypatch.setattr(_plans, "_same_grads", _refuse("the per-grad check"))
-            if reads == "native":  # the native reads checked every moved grad against its param
-                assert plan.like_param.all()
+            if reads == "native":  # the native reads checked every moved grad against the plan's
+                assert plan.meta_rows is not None
                 monkeypatch.setattr(plan, "guards", _refuse("the one-call check"))
         opt.step()
         ref.step()
@@ -234,7 +276,7 @@ def test_fsdp2_steps_read_local_grads_in_bulk_and_check_nothing_again(monkeypatc
             graveyard.append([p.grad for p in model.parameters()])
             if step == 2:
                 plan = opt._caches[0].plan
-                assert plan.guards is not None and plan.like_param.all()
+                assert plan.guards is not None and (plan.meta_rows is not None) == (reads == "native")
                 for name in ("_validate", "_layout", "_plan"):
                     monkeypatch.setattr(opt, name, _refuse(name))
                 monkeypatch.setattr(_plans, "_same_grads", _refuse("the per-grad check"))
@@ -273,16 +315,15 @@ def test_moved_grads_of_two_launches_and_a_staged_grad(monkeypatch, device, read
         if step == 2:
             plan = opt._caches[0].plan
             assert len(plan.launches) == 2 and not plan.direct and (plan.row_of == -1).sum() == 1
-            # the staged grad is not laid out like its param: the native reads leave it to the
-            # one-call check, which sees every grad
-            assert plan.like_param.tolist() == [1, 1, 0, 1, 1]
+            # the native reads check every moved grad themselves, the staged one too; without them
+            # the one-call check sees every grad
             monkeypatch.setattr(plan, "guards", _counted(plan.guards, seen))
             for name in ("_validate", "_layout", "_plan"):
                 monkeypatch.setattr(opt, name, _refuse(name))
         opt.step()
         ref.step()
         if step >= 2:
-            assert opt._caches[0].plan is plan and seen == [5] * (step - 1)
+            assert opt._caches[0].plan is plan and seen == ([] if reads == "native" else [5] * (step - 1))
         for i, (p, q) in enumerate(zip(params, ref_params)):
             tol = TOL[p.dtype][1]
             close(p.detach(), q.detach(), tol, f"param {i} step {step}")

@@ -7,6 +7,9 @@
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <algorithm>
+#include <array>
+#include <map>
+#include <vector>
 
 #define FO_CAT2(a, b) a##b
 #define FO_CAT(a, b) FO_CAT2(a, b)
@@ -19,11 +22,13 @@ constexpr int64_t kNoGrad = -2;      // the Python path's key for a param withou
 constexpr int64_t kNotStrided = -1;  // ... and for a sparse grad
 PyObject* local_name = nullptr;      // "_local_tensor": a DTensor's local shard
 
-// --- a tensor's metadata as a row of int64 -----------------------------------------------------
-// [kind, ndim, sizes (kMaxDims), strides (kMaxDims)]; kind: dtype | device type << 8 |
-// (device index + 1) << 16, or -1 for a tensor not described (none, not strided, more dims).
+// --- a tensor's metadata: a code per tensor, and a table of the distinct shapes ----------------
+// code: kind << 32 | the row of its (ndim, sizes, strides) in the table, or -1 for a tensor not
+// described (none, not strided, more than kMaxDims dims). kind: dtype | device type << 8 |
+// (device index + 1) << 16. Checking a moved grad then reads 8 bytes of its own plus a table row
+// that its neighbours share (a model has few distinct shapes), not a row of its own.
 constexpr int kMaxDims = 6;
-constexpr int kMetaWidth = 2 + 2 * kMaxDims;
+constexpr int kShapeWidth = 1 + 2 * kMaxDims;  // [ndim, sizes (kMaxDims), strides (kMaxDims)]
 
 int64_t kind(const at::Tensor& t) {
   if (t.layout() != at::kStrided || t.dim() > kMaxDims) return -1;
@@ -32,19 +37,19 @@ int64_t kind(const at::Tensor& t) {
          static_cast<int64_t>(device.index() + 1) << 16;
 }
 
-void describe_into(const at::Tensor* t, int64_t* row) {
-  std::fill(row, row + kMetaWidth, 0);
-  row[0] = t == nullptr ? -1 : kind(*t);
-  if (row[0] < 0) return;
-  row[1] = t->dim();
-  std::copy(t->sizes().begin(), t->sizes().end(), row + 2);
-  std::copy(t->strides().begin(), t->strides().end(), row + 2 + kMaxDims);
+std::array<int64_t, kShapeWidth> shape_row(const at::Tensor& t) {
+  std::array<int64_t, kShapeWidth> row{};
+  row[0] = t.dim();
+  std::copy(t.sizes().begin(), t.sizes().end(), row.begin() + 1);
+  std::copy(t.strides().begin(), t.strides().end(), row.begin() + 1 + kMaxDims);
+  return row;
 }
 
-bool matches(const at::Tensor& t, const int64_t* row) {
-  if (row[0] < 0 || kind(t) != row[0] || t.dim() != row[1]) return false;
-  return std::equal(t.sizes().begin(), t.sizes().end(), row + 2) &&
-         std::equal(t.strides().begin(), t.strides().end(), row + 2 + kMaxDims);
+bool matches(const at::Tensor& t, int64_t code, const int64_t* table, Py_ssize_t rows) {
+  if (code < 0 || kind(t) != code >> 32 || (code & 0xffffffff) >= rows) return false;
+  const int64_t* row = table + (code & 0xffffffff) * kShapeWidth;
+  return t.dim() == row[0] && std::equal(t.sizes().begin(), t.sizes().end(), row + 1) &&
+         std::equal(t.strides().begin(), t.strides().end(), row + 1 + kMaxDims);
 }
 
 // --- reading params ----------------------------------------------------------------------------
@@ -80,8 +85,10 @@ struct Keys {
   int64_t* pkey;                   // out: the params' addresses
   int64_t* gkey;                   // out: the grads' addresses
   const int64_t* old_gkey;         // the cached plan's grad addresses, or nullptr
-  const int64_t* meta;             // ... and its grads' metadata rows
-  bool moved_checked = true;       // out: every grad that moved has its row's metadata
+  const int64_t* codes;            // ... its grads' metadata codes
+  const int64_t* table;            // ... and shape table (rows of kShapeWidth)
+  Py_ssize_t rows;
+  bool moved_checked = true;       // out: every grad that moved has the plan's metadata
 };
 
 // DTensor params are read side by side. Reading one follows a chain of about eight pointers
@@ -187,19 +194,21 @@ bool scan_lanes(Lane* lane, PyObject* params, Py_ssize_t start, int m, bool loca
     if (g != nullptr && !address(*g, &keys.gkey[i])) return false;
     if (keys.old_gkey != nullptr && keys.gkey[i] != keys.old_gkey[i]) {  // moved, appeared or vanished
       keys.moved_checked = keys.moved_checked && g != nullptr && keys.gkey[i] > 0 && keys.old_gkey[i] > 0 &&
-                           matches(*g, keys.meta + i * kMetaWidth);
+                           matches(*g, keys.codes[i], keys.table, keys.rows);
     }
   }
   return true;
 }
 
 // --- the module's functions --------------------------------------------------------------------
-// A C-contiguous int64 buffer of `count` items (`writable`), or nullptr with an error set.
-int64_t* int64_buffer(PyObject* obj, Py_buffer* view, Py_ssize_t count, bool writable) {
+// A C-contiguous int64 buffer of `count` items (any multiple of `per` where count < 0), or nullptr
+// with an error set.
+int64_t* int64_buffer(PyObject* obj, Py_buffer* view, Py_ssize_t count, bool writable, Py_ssize_t per = 1) {
   const int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0);
   if (PyObject_GetBuffer(obj, view, flags) < 0) return nullptr;
   const char kind = view->format == nullptr ? 0 : view->format[0];
-  if (view->itemsize != 8 || view->len != count * 8 || (kind != 'q' && kind != 'l')) {
+  const bool size_ok = count < 0 ? view->len % (per * 8) == 0 : view->len == count * 8;
+  if (view->itemsize != 8 || !size_ok || (kind != 'q' && kind != 'l')) {
     PyBuffer_Release(view);
     PyErr_SetString(PyExc_ValueError, "fused_optim native reads: int64 arrays of the wrong size");
     return nullptr;
@@ -207,30 +216,32 @@ int64_t* int64_buffer(PyObject* obj, Py_buffer* view, Py_ssize_t count, bool wri
   return static_cast<int64_t*>(view->buf);
 }
 
-// scan(params: list, local: bool, pkey, gkey[, old_gkey, meta]) -> (grads: list, moved_checked:
-// bool), or None for the Python path. pkey, gkey (written) and old_gkey: int64 arrays as long as
-// params; meta: the plan's grads' rows from describe().
+// scan(params: list, local: bool, pkey, gkey[, old_gkey, codes, table]) -> (grads: list,
+// moved_checked: bool), or None for the Python path. pkey, gkey (written), old_gkey and codes:
+// int64 arrays as long as params; codes and table: the plan's grads described by describe().
 PyObject* scan(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  if ((nargs != 4 && nargs != 6) || !PyList_Check(args[0])) {
-    PyErr_SetString(PyExc_TypeError, "scan(params: list, local: bool, pkey, gkey[, old_gkey, meta])");
+  if ((nargs != 4 && nargs != 7) || !PyList_Check(args[0])) {
+    PyErr_SetString(PyExc_TypeError, "scan(params: list, local: bool, pkey, gkey[, old_gkey, codes, table])");
     return nullptr;
   }
   PyObject* params = args[0];
   const Py_ssize_t n = PyList_GET_SIZE(params);
   const int local = PyObject_IsTrue(args[1]);
   if (local < 0) return nullptr;
-  Py_buffer views[4];
-  int64_t* bufs[4] = {nullptr, nullptr, nullptr, nullptr};
+  Py_buffer views[5];
+  int64_t* bufs[5] = {nullptr, nullptr, nullptr, nullptr, nullptr};
   const int wanted = static_cast<int>(nargs) - 2;
   int held = 0;
   for (; held < wanted; ++held) {
-    bufs[held] = int64_buffer(args[2 + held], &views[held], held == 3 ? n * kMetaWidth : n, held < 2);
+    const bool table = held == 4;
+    bufs[held] = int64_buffer(args[2 + held], &views[held], table ? -1 : n, held < 2, table ? kShapeWidth : 1);
     if (bufs[held] == nullptr) break;
   }
   PyObject* grads = held == wanted ? PyList_New(n) : nullptr;
   bool ok = grads != nullptr;
   if (ok) {
-    Keys keys{bufs[0], bufs[1], bufs[2], bufs[3]};
+    const Py_ssize_t rows = wanted == 5 ? views[4].len / (kShapeWidth * 8) : 0;
+    Keys keys{bufs[0], bufs[1], bufs[2], bufs[3], bufs[4], rows};
     try {
       Lane lanes[kLanes];
       const Py_ssize_t step = local ? kLanes : 1;
@@ -250,30 +261,37 @@ PyObject* scan(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   Py_RETURN_NONE;
 }
 
-// describe(tensors: list, meta: int64 array of len(tensors) * width): fills one row per tensor
-// (None, sparse or of more than kMaxDims dims: a row that matches nothing).
+// describe(tensors: list, codes: int64 array as long) -> table: fills each tensor's code (-1 for
+// None, sparse, more than kMaxDims dims) and returns the distinct shapes as bytes (int64 rows).
 PyObject* describe(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   if (nargs != 2 || !PyList_Check(args[0])) {
-    PyErr_SetString(PyExc_TypeError, "describe(tensors: list, meta)");
+    PyErr_SetString(PyExc_TypeError, "describe(tensors: list, codes)");
     return nullptr;
   }
   const Py_ssize_t n = PyList_GET_SIZE(args[0]);
   Py_buffer view;
-  int64_t* meta = int64_buffer(args[1], &view, n * kMetaWidth, true);
-  if (meta == nullptr) return nullptr;
-  bool ok = true;
+  int64_t* codes = int64_buffer(args[1], &view, n, true);
+  if (codes == nullptr) return nullptr;
+  std::map<std::array<int64_t, kShapeWidth>, int64_t> index;
+  std::vector<int64_t> table;
   try {
     for (Py_ssize_t i = 0; i < n; ++i) {
       PyObject* t = PyList_GET_ITEM(args[0], i);
-      describe_into(THPVariable_Check(t) ? &THPVariable_Unpack(t) : nullptr, meta + i * kMetaWidth);
+      const int64_t k = THPVariable_Check(t) ? kind(THPVariable_Unpack(t)) : -1;
+      codes[i] = -1;
+      if (k < 0) continue;
+      const auto row = shape_row(THPVariable_Unpack(t));
+      const auto found = index.emplace(row, static_cast<int64_t>(index.size()));
+      if (found.second) table.insert(table.end(), row.begin(), row.end());
+      codes[i] = k << 32 | found.first->second;
     }
-  } catch (...) {  // rows that match nothing: every moved grad is then checked in Python
-    ok = false;
-    std::fill(meta, meta + n * kMetaWidth, -1);
+  } catch (...) {  // codes that match nothing: every moved grad is then checked in Python
+    std::fill(codes, codes + n, -1);
+    PyErr_Clear();
   }
   PyBuffer_Release(&view);
-  if (!ok) PyErr_Clear();
-  Py_RETURN_NONE;
+  return PyBytes_FromStringAndSize(reinterpret_cast<const char*>(table.data()),
+                                   static_cast<Py_ssize_t>(table.size() * sizeof(int64_t)));
 }
 
 PyMethodDef methods[] = {
@@ -289,7 +307,5 @@ PyModuleDef module = {PyModuleDef_HEAD_INIT, FO_STR(TORCH_EXTENSION_NAME), nullp
 PyMODINIT_FUNC FO_CAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
   local_name = PyUnicode_InternFromString("_local_tensor");
   if (local_name == nullptr) return nullptr;
-  PyObject* m = PyModule_Create(&module);
-  if (m != nullptr && PyModule_AddIntConstant(m, "META_WIDTH", kMetaWidth) < 0) Py_CLEAR(m);
-  return m;
+  return PyModule_Create(&module);
 }

@@ -32,8 +32,8 @@ reason = "not built yet"  # why ``module()`` is None, once it is
 
 
 def module():
-    """The compiled module (``scan``, ``describe``, ``META_WIDTH``; ``_native.cpp`` says what they
-    take), or None where it is switched off or failed to build."""
+    """The compiled module (``scan``, ``describe``: ``_native.cpp`` says what they take), or None
+    where it is switched off or failed to build."""
     if not _loaded:
         load()
     return _module

@@ -242,7 +242,7 @@ class PlansMixin:
                 meta[pos] = (g.dtype, g.device, g.shape, g.stride())
         return Plan(
             pkey, gkey, self._signature(group), launches, sparse,
-            launch_of=launch_of, row_of=row_of, meta=meta, meta_rows=_meta_rows(grads, meta),
+            launch_of=launch_of, row_of=row_of, meta=meta, native_meta=_native_meta(grads, meta),
             guards=grad_guards(grads) if all(m is not None for m in meta) else None,
             direct=len(launches) == 1 and launches[0].tables is not None and (row_of == np.arange(len(grads))).all(),
         )  # fmt: skip
@@ -261,15 +261,15 @@ def _shards(params, plan: Plan | None = None) -> tuple[np.ndarray | None, np.nda
     where one has no storage), the grads' key (their addresses; -2: no grad, -1: sparse), the grads
     as the kernels read them (local shards of DTensor grads) and whether every grad that moved since
     ``plan`` was made still has the dtype, device, shape and strides of the grad the plan was
-    checked with (``Plan.meta_rows``). In one C++ call where ``_native`` is built, else in Python
+    checked with (``Plan.native_meta``). In one C++ call where ``_native`` is built, else in Python
     (which leaves the moved grads to ``_grad_moves``' checks)."""
     native = _native.module()
     if native is not None:
         n = len(params)
         pkey, gkey = np.empty(n, np.int64), np.empty(n, np.int64)
         local = bool(params) and _dtensor.is_dtensor(params[0])
-        if plan is not None and plan.meta_rows is not None and len(plan.gkey) == n:
-            out = native.scan(params, local, pkey, gkey, plan.gkey, plan.meta_rows)
+        if plan is not None and plan.native_meta is not None and len(plan.gkey) == n:
+            out = native.scan(params, local, pkey, gkey, plan.gkey, *plan.native_meta)
         else:
             out = native.scan(params, local, pkey, gkey)
         if out is not None:
@@ -320,12 +320,13 @@ def _grad_moves(plan: Plan, grads, gkey: np.ndarray, checked: bool = False) -> l
         return None
     old, new = plan.gkey, gkey
     changed = np.flatnonzero(old != new)
-    if (old[changed] <= 0).any() or (new[changed] <= 0).any():  # -2: no grad, -1: sparse, 0: empty
-        return None
-    # checked by the native reads, else by TorchDynamo's C++ check; where that says no (or inside
-    # a TorchDispatchMode, whose dispatch key it sees), the exact check one grad at a time decides
-    if not checked and not (plan.guards is not None and plan.guards(*grads)) and not _same_grads(plan, grads, changed):
-        return None
+    if not checked:  # by the native reads (which refuse the cases below): here
+        if (old[changed] <= 0).any() or (new[changed] <= 0).any():  # -2: no grad, -1: sparse, 0: empty
+            return None
+        # TorchDynamo's C++ check; where it says no (or inside a TorchDispatchMode, whose dispatch
+        # key it sees), the exact check one grad at a time decides
+        if not (plan.guards is not None and plan.guards(*grads)) and not _same_grads(plan, grads, changed):
+            return None
     if plan.direct:  # one launch, whose table rows are the group's positions in order
         return [(plan.launches[0], changed, new[changed])]
     moves = []
@@ -347,15 +348,16 @@ def _same_grads(plan: Plan, grads, changed: np.ndarray) -> bool:
     return True
 
 
-def _meta_rows(grads, meta: list) -> np.ndarray | None:
-    """The native reads' rows of the metadata of the grads a plan was checked with (``meta`` not
-    None), to check moved grads against; None without the native reads."""
+def _native_meta(grads, meta: list) -> tuple[np.ndarray, np.ndarray] | None:
+    """The metadata of the grads a plan was checked with (``meta`` not None) as the native reads
+    compare moved grads with it: (a code per grad, a table of the distinct shapes); None without
+    the native reads."""
     native = _native.module()
     if native is None:
         return None
-    rows = np.empty((len(grads), native.META_WIDTH), np.int64)
-    native.describe([g if m is not None else None for g, m in zip(grads, meta)], rows)
-    return rows
+    codes = np.empty(len(grads), np.int64)
+    table = native.describe([g if m is not None else None for g, m in zip(grads, meta)], codes)
+    return codes, np.frombuffer(table, np.int64)
 
 
 def _tensor_guards():

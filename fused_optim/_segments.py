@@ -269,7 +269,7 @@ class Plan:
     launch_of: np.ndarray | None = None
     row_of: np.ndarray | None = None
     meta: list = field(default_factory=list)
-    meta_rows: np.ndarray | None = None  # ``meta`` as the native reads compare it (``_plans._meta_rows``)
+    native_meta: tuple | None = None  # ``meta`` as the native reads compare it (``_plans._native_meta``)
     # ``guards(*grads)``: True when the grads have the metadata of this plan's (one C++ call; a
     # False is checked again with ``meta``); None where a grad was missing or sparse, or torch
     # lacks the check.

@@ -63,7 +63,7 @@ def reads(request, monkeypatch):
         assert out is not None, "the native reads handed a plain or FSDP2 group to the Python path"
         return out
 
-    answering = SimpleNamespace(scan=must_answer, describe=built.describe, META_WIDTH=built.META_WIDTH)
+    answering = SimpleNamespace(scan=must_answer, describe=built.describe)
     monkeypatch.setattr(_native, "module", lambda: answering)
     return request.param
 
@@ -146,31 +146,35 @@ def test_native_reads_check_moved_grads_against_the_plans(device):
     keys = np.zeros(n, np.int64), np.zeros(n, np.int64)
     grads, checked = native.scan(params, False, *keys)
     assert checked and all(g is p.grad for g, p in zip(grads, params))
-    old, rows = keys[1].copy(), np.zeros((n, native.META_WIDTH), np.int64)
-    native.describe([p.grad for p in params], rows)
+    old = keys[1].copy()
 
-    def moved(grad, meta=rows):
+    def plan_meta(plan_grads):
+        codes = np.zeros(n, np.int64)
+        return codes, np.frombuffer(native.describe(plan_grads, codes), np.int64)
+
+    meta = plan_meta(grads)
+    assert len(meta[1]) == 4 * (1 + 2 * 6)  # one table row per distinct shape
+    assert len(plan_meta([grads[0]] * n)[1]) == 1 + 2 * 6
+
+    def moved(grad, meta=meta):
         kept, params[0].grad = params[0].grad, grad
         try:
-            return native.scan(params, False, *keys, old, meta)[1]
+            return native.scan(params, False, *keys, old, *meta)[1]
         finally:
             params[0].grad = kept
 
     assert moved(params[0].grad)  # nothing moved
     assert moved(torch.randn(SHAPES[0], device=device))
     assert not moved(torch.randn(SHAPES[0][::-1], device=device).t())  # strides
-    doubles = rows.copy()  # the plan's grad of param 0 was float64 (a DTensor's local grad can be)
-    native.describe([torch.zeros(SHAPES[0], dtype=torch.float64, device=device), *grads[1:]], doubles)
-    assert not moved(torch.randn(SHAPES[0], device=device), doubles)
+    # the plan's grad of param 0 was float64 (a DTensor's local grad can be)
+    assert not moved(torch.randn(SHAPES[0], device=device), plan_meta([grads[0].double(), *grads[1:]]))
     assert not moved(torch.randn(SHAPES[0], device=device).to_sparse())
     assert not moved(None)
-    unknown = rows.copy()
-    native.describe([None, *(p.grad for p in params[1:])], unknown)  # no plan metadata for param 0
-    assert not moved(torch.randn(SHAPES[0], device=device), unknown)
+    assert not moved(torch.randn(SHAPES[0], device=device), plan_meta([None, *grads[1:]]))  # no metadata
     params[0].grad = None
     params[0].data = params[0].data.view(SHAPES[0][::-1])  # the param reshaped, at the same address
     params[0].grad = torch.randn(SHAPES[0][::-1], device=device)  # and its grad with it
-    assert not native.scan(params, False, *keys, old, rows)[1]
+    assert not native.scan(params, False, *keys, old, *meta)[1]
 
 
 def test_a_grad_that_vanishes_while_others_move_rebuilds_the_plan(device, reads):
@@ -223,7 +227,7 @@ def test_moved_grads_rebuild_nothing_and_are_checked(monkeypatch, device, one_ca
             if one_call:
                 monkeypatch.setattr(_plans, "_same_grads", _refuse("the per-grad check"))
             if reads == "native":  # the native reads checked every moved grad against the plan's
-                assert plan.meta_rows is not None
+                assert plan.native_meta is not None
                 monkeypatch.setattr(plan, "guards", _refuse("the one-call check"))
         opt.step()
         ref.step()
@@ -276,7 +280,7 @@ def test_fsdp2_steps_read_local_grads_in_bulk_and_check_nothing_again(monkeypatc
             graveyard.append([p.grad for p in model.parameters()])
             if step == 2:
                 plan = opt._caches[0].plan
-                assert plan.guards is not None and (plan.meta_rows is not None) == (reads == "native")
+                assert plan.guards is not None and (plan.native_meta is not None) == (reads == "native")
                 for name in ("_validate", "_layout", "_plan"):
                     monkeypatch.setattr(opt, name, _refuse(name))
                 monkeypatch.setattr(_plans, "_same_grads", _refuse("the per-grad check"))

@@ -78,8 +78,8 @@ def _groups(device, mesh):
     """Param lists the reads must agree on: (name, params, whether the native reads answer)."""
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    flat = torch.randn(200, device=device)
-    views = [torch.nn.Parameter(flat[i * 40 : i * 40 + 30]) for i in range(5)]  # storage offsets
+    flat = torch.randn(480, device=device)
+    views = [torch.nn.Parameter(flat[i * 40 : i * 40 + 30]) for i in range(12)]  # storage offsets
     plain = leaves(random_tensors(SHAPES, torch.float32, 0, device)) + views
     plain.append(torch.nn.Parameter(torch.randn(6, 4, device=device).t()))  # not contiguous
     for p in plain:
@@ -97,12 +97,12 @@ def _groups(device, mesh):
         p.grad = shard(p.shape)
     empty = torch.nn.Parameter(torch.zeros(0, device=device))
     return [
-        ("plain, views at offsets, not contiguous", plain, True),
+        ("plain, views at offsets, not contiguous (two lane batches)", plain, True),
         ("missing and sparse grads", gaps, True),
         ("DTensor params, some without a grad", sharded, True),
         ("no params", [], True),
         ("DTensor and plain params (in the second lane batch)", [*sharded, *plain], False),
-        ("an empty param", [*plain, empty], False),
+        ("an empty param (in the second lane batch)", [*plain, empty], False),
     ]
 
 

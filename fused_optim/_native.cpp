@@ -22,16 +22,22 @@ constexpr int64_t kNoGrad = -2;      // the Python path's key for a param withou
 constexpr int64_t kNotStrided = -1;  // ... and for a sparse grad
 PyObject* local_name = nullptr;      // "_local_tensor": a DTensor's local shard
 
+// A torch.Tensor (or subclass) by its real type: unlike THPVariable_Check, which asks isinstance
+// and so trusts `__class__` (a mock passes) and can raise, this runs no Python code.
+inline bool is_tensor(PyObject* obj) {
+  return THPVariableClass != nullptr && PyObject_TypeCheck(obj, reinterpret_cast<PyTypeObject*>(THPVariableClass));
+}
+
 // --- a tensor's metadata: a code per tensor, and a table of the distinct shapes ----------------
 // code: kind << 32 | the row of its (ndim, sizes, strides) in the table, or -1 for a tensor not
-// described (none, not strided, more than kMaxDims dims). kind: dtype | device type << 8 |
+// described (none, not strided, more than kMaxDims dims, a lazy conjugate or negative view). kind: dtype | device type << 8 |
 // (device index + 1) << 16. Checking a moved grad then reads 8 bytes of its own plus a table row
 // that its neighbours share (a model has few distinct shapes), not a row of its own.
 constexpr int kMaxDims = 6;
 constexpr int kShapeWidth = 1 + 2 * kMaxDims;  // [ndim, sizes (kMaxDims), strides (kMaxDims)]
 
 int64_t kind(const at::Tensor& t) {
-  if (t.layout() != at::kStrided || t.dim() > kMaxDims) return -1;
+  if (t.layout() != at::kStrided || t.dim() > kMaxDims || t.is_conj() || t.is_neg()) return -1;
   const c10::Device device = t.device();
   return static_cast<int64_t>(t.scalar_type()) | static_cast<int64_t>(device.type()) << 8 |
          static_cast<int64_t>(device.index() + 1) << 16;
@@ -63,7 +69,7 @@ PyObject* shard(PyObject* obj, bool local) {
   PyObject* out = PyObject_GetAttr(obj, local_name);
   if (out == nullptr) {
     PyErr_Clear();
-  } else if (!THPVariable_Check(out)) {
+  } else if (!is_tensor(out)) {
     Py_CLEAR(out);
   }
   return out;
@@ -88,7 +94,7 @@ struct Keys {
   const int64_t* codes;            // ... its grads' metadata codes
   const int64_t* table;            // ... and shape table (rows of kShapeWidth)
   Py_ssize_t rows;
-  bool moved_checked = true;       // out: every grad that moved has the plan's metadata
+  bool moved_checked = false;      // out: every grad that moved has the plan's metadata
 };
 
 // Params are read side by side. Reading one follows a chain of pointers (param, tensor, autograd
@@ -147,7 +153,7 @@ bool scan_lanes(Lane* lane, PyObject* params, Py_ssize_t start, int m, bool loca
   }
   for (int l = 0; l < m; ++l) {
     Lane& a = lane[l];
-    if (!THPVariable_Check(a.p) || (a.p_shard = shard(a.p, local)) == nullptr) return false;
+    if (!is_tensor(a.p) || (a.p_shard = shard(a.p, local)) == nullptr) return false;
     prefetch(a.p_shard, 2);
     prefetch(impl(a.p), 4);
   }
@@ -243,6 +249,7 @@ PyObject* scan(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   if (ok) {
     const Py_ssize_t rows = wanted == 5 ? views[4].len / (kShapeWidth * 8) : 0;
     Keys keys{bufs[0], bufs[1], bufs[2], bufs[3], bufs[4], rows};
+    keys.moved_checked = keys.old_gkey != nullptr;  // nothing to check against: nothing checked
     try {
       Lane lanes[kLanes];
       for (Py_ssize_t start = 0; ok && start < n; start += kLanes) {
@@ -256,8 +263,8 @@ PyObject* scan(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   for (int i = 0; i < held; ++i) PyBuffer_Release(&views[i]);
   if (held != wanted) return nullptr;  // a bad array: its error stands
   if (ok) return grads;
+  PyErr_Clear();      // before any deallocator runs
   Py_XDECREF(grads);  // releases the grads set so far; unset items are NULL, which it skips
-  PyErr_Clear();
   Py_RETURN_NONE;
 }
 
@@ -277,7 +284,7 @@ PyObject* describe(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   try {
     for (Py_ssize_t i = 0; i < n; ++i) {
       PyObject* t = PyList_GET_ITEM(args[0], i);
-      const int64_t k = THPVariable_Check(t) ? kind(THPVariable_Unpack(t)) : -1;
+      const int64_t k = is_tensor(t) ? kind(THPVariable_Unpack(t)) : -1;
       codes[i] = -1;
       if (k < 0) continue;
       const auto row = shape_row(THPVariable_Unpack(t));

@@ -343,7 +343,7 @@ def _same_grads(plan: Plan, grads, changed: np.ndarray) -> bool:
     """``_grad_moves``' check, one moved grad at a time."""
     for i in changed.tolist():
         g, meta = grads[i], plan.meta[i]
-        if meta is None or (g.dtype, g.device, g.shape, g.stride()) != meta:
+        if meta is None or g.is_conj() or g.is_neg() or (g.dtype, g.device, g.shape, g.stride()) != meta:
             return False
     return True
 

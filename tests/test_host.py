@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import sys
 from types import SimpleNamespace
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -130,6 +131,8 @@ def test_native_and_python_reads_agree(monkeypatch, device):
             assert len(native[2]) == len(python[2]) and all(a is b for a, b in zip(native[2], python[2])), name
             if answers:
                 assert np.array_equal(native[0], pkey) and np.array_equal(native[1], gkey), name
+    # an object that claims to be a tensor (isinstance says yes) is left to the Python path
+    assert scan([mock.Mock(spec=torch.Tensor)], False, np.zeros(1, np.int64), np.zeros(1, np.int64)) is None
     with pytest.raises(ValueError, match="int64 arrays of the wrong size"):
         scan([torch.nn.Parameter(torch.ones(2))], False, np.zeros(1, np.int32), np.zeros(1, np.int64))
 
@@ -145,7 +148,7 @@ def test_native_reads_check_moved_grads_against_the_plans(device):
     n = len(params)
     keys = np.zeros(n, np.int64), np.zeros(n, np.int64)
     grads, checked = native.scan(params, False, *keys)
-    assert checked and all(g is p.grad for g, p in zip(grads, params))
+    assert not checked and all(g is p.grad for g, p in zip(grads, params))  # nothing to check against
     old = keys[1].copy()
 
     def plan_meta(plan_grads):
@@ -155,6 +158,10 @@ def test_native_reads_check_moved_grads_against_the_plans(device):
     meta = plan_meta(grads)
     assert len(meta[1]) == 4 * (1 + 2 * 6)  # one table row per distinct shape
     assert len(plan_meta([grads[0]] * n)[1]) == 1 + 2 * 6
+    lazy = torch.randn(3, dtype=torch.complex64, device=device)
+    codes = np.zeros(4, np.int64)  # neither a lazy conjugate or negative view nor a mock is described
+    native.describe([lazy.conj(), torch._neg_view(lazy), mock.Mock(spec=torch.Tensor), lazy], codes)
+    assert list(codes[:3]) == [-1, -1, -1] and codes[3] >= 0
 
     def moved(grad, meta=meta):
         kept, params[0].grad = params[0].grad, grad

@@ -4,7 +4,8 @@ Parts, in order; each one's outcome is written to ``DIR/parts.json`` and ``DIR/l
 ends, so a call cut short keeps what ran, and ``--parts`` reruns only some:
 
 * ``toolchain``: the driver against Triton's ptxas (``benchmarks/toolchain.py``, which points
-  Triton at a compatible ptxas when needed), the device and the versions.
+  Triton at a compatible ptxas when needed), the device and the versions; the native reads
+  built (``fused_optim/_native.py``), or why not.
 * ``tests``: the test suite on CUDA: every algorithm, dtype and option against torch.optim on the
   GPU, the training features, CUDA graph capture and replay (static grads with a scheduler; a
   whole training step with grads allocated in the graph), misaligned, non-contiguous and
@@ -78,7 +79,10 @@ def part_toolchain(args, timeout: float) -> tuple[bool, str]:
         "import torch, triton, platform; from benchmarks import toolchain; print(toolchain.check()); "
         "print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, "
         "'python', platform.python_version()); "
-        "print([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] or 'no CUDA device')"
+        "print([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] or 'no CUDA device'); "
+        # built here, once, before the tests' workers need it (about 10 s; a C++ compiler and ninja)
+        "from fused_optim import _native; "
+        "print('native reads:', 'built' if _native.module() is not None else 'NOT built: ' + _native.reason)"
     )
     rc, tail = _run([sys.executable, "-c", code], timeout, args.dry_run, args.log)
     return rc == 0, tail

@@ -334,6 +334,7 @@ def test_gpu_check_rehearses_every_part_on_cpu(tmp_path):
     assert list(record) == ["toolchain", "tests", "large", "bench", "summary"]
     assert all(part["ok"] and part["dry_run"] for part in record.values())
     assert "not performance figures" in (tmp_path / "summary.txt").read_text()
+    assert "native reads: built" in (tmp_path / "log.txt").read_text()  # the toolchain part builds them
     _run_module("benchmarks.gpu_check", "--dry-run", "--out", str(tmp_path), "--parts", "summary")
     assert json.loads((tmp_path / "parts.json").read_text()).keys() == record.keys()
 

@@ -35,7 +35,10 @@ def _aligned(numel: int) -> int:
 
 
 def _layout_dims(shape, strides):
-    return sorted((st, sz) for sz, st in zip(shape, strides) if sz != 1)
+    """(stride, size, dim) of each dim of more than one element, innermost first: the order in
+    which a dense tensor's elements lie in memory (the dims themselves too, or a square matrix and
+    its transpose would look alike)."""
+    return sorted((st, sz, dim) for dim, (sz, st) in enumerate(zip(shape, strides)) if sz != 1)
 
 
 def is_dense(t: torch.Tensor) -> bool:
@@ -43,7 +46,7 @@ def is_dense(t: torch.Tensor) -> bool:
     if t.is_contiguous() or t.numel() == 0:
         return True
     expected = 1
-    for stride, size in _layout_dims(t.shape, t.stride()):
+    for stride, size, _ in _layout_dims(t.shape, t.stride()):
         if stride != expected:
             return False
         expected *= size

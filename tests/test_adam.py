@@ -158,7 +158,8 @@ def test_closure_and_hooks(device):
 
 def test_noncontiguous_and_unaligned_params(device):
     """Transposed, channels_last and sliced (not dense) params; a param whose address is not
-    16-byte aligned takes the masked path; a grad whose layout differs from its param's."""
+    16-byte aligned takes the masked path; grads whose layout differs from their param's, square
+    ones too (whose dims' strides are a permutation of the param's)."""
     base = torch.randn(4101, device=device)
 
     def make():
@@ -168,6 +169,8 @@ def test_noncontiguous_and_unaligned_params(device):
             torch.randn(50, 40, device=device)[:, ::3],  # not dense: staged
             base[1:].view(41, 100),  # address 4 bytes past a 16-byte boundary
             torch.randn(6, 7, device=device),  # will get a transposed grad
+            torch.randn(8, 8, device=device),  # square: its transposed grad has its very shape and strides reversed
+            torch.randn(8, 8, device=device).t(),  # square and transposed: its grads come contiguous
         ]
 
     init = make()
@@ -185,7 +188,7 @@ def test_noncontiguous_and_unaligned_params(device):
     for step in range(5):
         for i, (p, q) in enumerate(zip(params, ref_params)):
             g = torch.randn(p.shape, device=device)
-            if i == 4:
+            if i in (4, 5):
                 g = torch.randn(p.shape[::-1], device=device).t()  # layout differs from the param's
             p.grad, q.grad = g.clone(memory_format=torch.preserve_format), g.clone()
         opt.step()

@@ -1,8 +1,8 @@
 // The per-step reads of the plan check (fused_optim/_plans.py, `_shards`) in one call: every
 // param's grad and the storage addresses of the params and grads (their local shards for DTensor
-// params), which the Python path reads one attribute at a time; and, for grads that moved since
-// the plan was made, whether each still has the dtype, device, shape and strides of the grad the
-// plan was checked with. Built at first use by fused_optim/_native.py with torch's extension
+// params), which the Python path reads one attribute at a time; and whether every param and grad
+// still has the dtype, device, shape and strides of those the plan was checked with (a param
+// reshaped in place keeps its address, and so may a grad). Built at first use by fused_optim/_native.py with torch's extension
 // builder, against the installed torch.
 #include <torch/csrc/autograd/python_variable.h>
 
@@ -91,10 +91,11 @@ struct Keys {
   int64_t* pkey;                   // out: the params' addresses
   int64_t* gkey;                   // out: the grads' addresses
   const int64_t* old_gkey;         // the cached plan's grad addresses, or nullptr
-  const int64_t* codes;            // ... its grads' metadata codes
+  const int64_t* codes;            // ... the metadata codes of its params, then of its grads
   const int64_t* table;            // ... and shape table (rows of kShapeWidth)
   Py_ssize_t rows;
-  bool moved_checked = false;      // out: every grad that moved has the plan's metadata
+  Py_ssize_t n;                    // the number of params
+  bool same = false;               // out: every param and grad has the plan's metadata
 };
 
 // Params are read side by side. Reading one follows a chain of pointers (param, tensor, autograd
@@ -176,6 +177,7 @@ bool scan_lanes(Lane* lane, PyObject* params, Py_ssize_t start, int m, bool loca
     if (param.layout() != at::kStrided || !address(param, &keys.pkey[i]) || keys.pkey[i] < (local ? 0 : 1)) {
       return false;
     }
+    keys.same = keys.same && matches(param, keys.codes[i], keys.table, keys.rows);
     if (!a.grad->defined()) {
       keys.gkey[i] = kNoGrad;
       Py_INCREF(Py_None);
@@ -199,9 +201,9 @@ bool scan_lanes(Lane* lane, PyObject* params, Py_ssize_t start, int m, bool loca
     const Py_ssize_t i = start + l;
     const at::Tensor* g = lane[l].g_shard == nullptr ? nullptr : &THPVariable_Unpack(lane[l].g_shard);
     if (g != nullptr && !address(*g, &keys.gkey[i])) return false;
-    if (keys.old_gkey != nullptr && keys.gkey[i] != keys.old_gkey[i]) {  // moved, appeared or vanished
-      keys.moved_checked = keys.moved_checked && g != nullptr && keys.gkey[i] > 0 && keys.old_gkey[i] > 0 &&
-                           matches(*g, keys.codes[i], keys.table, keys.rows);
+    if (keys.same) {  // a grad with storage matches the plan's; none, sparse or empty: as in the plan
+      keys.same = keys.gkey[i] > 0 ? keys.old_gkey[i] > 0 && matches(*g, keys.codes[keys.n + i], keys.table, keys.rows)
+                                   : keys.gkey[i] == keys.old_gkey[i];
     }
   }
   return true;
@@ -224,8 +226,9 @@ int64_t* int64_buffer(PyObject* obj, Py_buffer* view, Py_ssize_t count, bool wri
 }
 
 // scan(params: list, local: bool, pkey, gkey[, old_gkey, codes, table]) -> (grads: list,
-// moved_checked: bool), or None for the Python path. pkey, gkey (written), old_gkey and codes:
-// int64 arrays as long as params; codes and table: the plan's grads described by describe().
+// same: bool), or None for the Python path. pkey, gkey (written) and old_gkey: int64 arrays as
+// long as params; codes (twice as long) and table: the plan's params (their local shards), then
+// its grads, described by describe().
 PyObject* scan(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   if ((nargs != 4 && nargs != 7) || !PyList_Check(args[0])) {
     PyErr_SetString(PyExc_TypeError, "scan(params: list, local: bool, pkey, gkey[, old_gkey, codes, table])");
@@ -241,15 +244,16 @@ PyObject* scan(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   int held = 0;
   for (; held < wanted; ++held) {
     const bool table = held == 4;
-    bufs[held] = int64_buffer(args[2 + held], &views[held], table ? -1 : n, held < 2, table ? kShapeWidth : 1);
+    const Py_ssize_t count = table ? -1 : held == 3 ? 2 * n : n;
+    bufs[held] = int64_buffer(args[2 + held], &views[held], count, held < 2, table ? kShapeWidth : 1);
     if (bufs[held] == nullptr) break;
   }
   PyObject* grads = held == wanted ? PyList_New(n) : nullptr;
   bool ok = grads != nullptr;
   if (ok) {
     const Py_ssize_t rows = wanted == 5 ? views[4].len / (kShapeWidth * 8) : 0;
-    Keys keys{bufs[0], bufs[1], bufs[2], bufs[3], bufs[4], rows};
-    keys.moved_checked = keys.old_gkey != nullptr;  // nothing to check against: nothing checked
+    Keys keys{bufs[0], bufs[1], bufs[2], bufs[3], bufs[4], rows, n};
+    keys.same = keys.old_gkey != nullptr;  // nothing to check against: nothing checked
     try {
       Lane lanes[kLanes];
       for (Py_ssize_t start = 0; ok && start < n; start += kLanes) {
@@ -258,7 +262,7 @@ PyObject* scan(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     } catch (...) {  // a tensor whose storage cannot be read: the Python path decides
       ok = false;
     }
-    if (ok) grads = Py_BuildValue("(NO)", grads, keys.moved_checked ? Py_True : Py_False);
+    if (ok) grads = Py_BuildValue("(NO)", grads, keys.same ? Py_True : Py_False);
   }
   for (int i = 0; i < held; ++i) PyBuffer_Release(&views[i]);
   if (held != wanted) return nullptr;  // a bad array: its error stands

@@ -3,7 +3,7 @@
 Every ``step()`` reads each param's grad and the storage addresses of the params and grads, to
 know that the cached plan still holds (``_plans._shards``). In Python that is three attribute reads
 per param, about 120 ns each (DTensor params cost more); the module's ``scan`` does the same reads
-in one call and checks the grads that moved against the plan's (rows made by ``describe``).
+in one call and checks every param and grad against the plan's (rows made by ``describe``).
 
 It is compiled against the installed torch by torch's extension builder the first time a process
 needs it (about 10 s on a 2-core machine; then cached under torch's extension directory, so later

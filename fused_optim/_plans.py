@@ -1,7 +1,8 @@
 """Cached plans: each group's segments, launches and device tables, rebuilt only when needed.
 
 Phase 1 of every ``step()``: for each param group, the cached plan if the params' and grads'
-storages, the group's options and the state are unchanged (or only grads moved: the tables are
+storages, the group's options and the state are unchanged and every param and grad keeps the
+dtype, device, shape and strides the plan was checked with (or only grads moved: the tables are
 repointed), else the group is checked in full (raising before any param changes) and its
 segments and plan are rebuilt, adopting whatever the state now holds.
 """
@@ -87,15 +88,16 @@ class PlansMixin:
         params = group["params"]
         cache = self._caches.get(index)
         plan = cache.plan if cache is not None and cache.group is group else None
-        pkey, gkey, grads, checked = _shards(params, plan)
+        pkey, gkey, grads, shards = _shards(params, plan)
         cached = plan is not None and not self._tracker.dirty and _same_key(plan.pkey, pkey)
-        if cached and plan.keys == self._signature(group):
-            if _same_key(plan.gkey, gkey):
-                return plan, grads, pkey, gkey
-            launch_moves = _grad_moves(plan, grads, gkey, checked)
-            if launch_moves is not None:
-                moves.append((plan, gkey, launch_moves))
-                return plan, grads, pkey, gkey
+        if (
+            cached
+            and plan.keys == self._signature(group)
+            and (shards is True or _same_meta(plan, params, shards, grads, gkey))
+        ):
+            if not _same_key(plan.gkey, gkey):
+                moves.append((plan, gkey, _grad_moves(plan, gkey)))
+            return plan, grads, pkey, gkey
         self._validate(index, group, grads)
         return None, grads, pkey, gkey
 
@@ -227,23 +229,23 @@ class PlansMixin:
         # Sparse grads (where the algorithm allows them) take torch's own code, param by param.
         sparse = [i for i, g in enumerate(grads) if g is not None and g.layout != torch.strided]
         # For grads that move later (_grad_moves): each position's launch and its row in the tensor
-        # table (-1: staged or no table), and the metadata of the grad this plan was checked with.
+        # table (-1: staged or no table).
         launch_of = np.full(len(grads), -1, dtype=np.int64)
         row_of = np.full(len(grads), -1, dtype=np.int64)
-        meta = [None] * len(grads)
         for index, launch in enumerate(launches):
             staged = {pos for pos, _ in launch.stage_grads}
             positions = launch.seg.group_index[launch.rows]
             launch_of[positions] = index
             if launch.tables is not None:
                 row_of[positions] = np.where(np.isin(positions, list(staged)), -1, np.arange(len(positions)))
-            for pos in positions.tolist():
-                g = grads[pos]
-                meta[pos] = (g.dtype, g.device, g.shape, g.stride())
+        # What every later step compares with (_same_meta): the param shards and dense grads
+        shards = _python_shards(group["params"])[2]
+        dense = [i for i, g in enumerate(grads) if is_dense_grad(g)]
+        checked = [*shards, *(grads[i] for i in dense)]
         return Plan(
             pkey, gkey, self._signature(group), launches, sparse,
-            launch_of=launch_of, row_of=row_of, meta=meta, native_meta=_native_meta(grads, meta),
-            guards=grad_guards(grads) if all(m is not None for m in meta) else None,
+            launch_of=launch_of, row_of=row_of, dense=None if len(dense) == len(grads) else dense,
+            meta=list(map(_meta, checked)), native_meta=_native_meta(shards, grads, dense), guards=guards(checked),
             direct=len(launches) == 1 and launches[0].tables is not None and (row_of == np.arange(len(grads))).all(),
         )  # fmt: skip
 
@@ -256,13 +258,14 @@ def _source(state: dict, key: str):
     return None if codes is None or scales is None else (codes, scales)
 
 
-def _shards(params, plan: Plan | None = None) -> tuple[np.ndarray | None, np.ndarray, list, bool]:
-    """(pkey, gkey, grads, checked): the params' storage key (their local shards' addresses; None
+def _shards(params, plan: Plan | None = None) -> tuple[np.ndarray | None, np.ndarray, list, list | bool | None]:
+    """(pkey, gkey, grads, shards): the params' storage key (their local shards' addresses; None
     where one has no storage), the grads' key (their addresses; -2: no grad, -1: sparse), the grads
-    as the kernels read them (local shards of DTensor grads) and whether every grad that moved since
-    ``plan`` was made still has the dtype, device, shape and strides of the grad the plan was
-    checked with (``Plan.native_meta``). In one C++ call where ``_native`` is built, else in Python
-    (which leaves the moved grads to ``_grad_moves``' checks)."""
+    as the kernels read them (local shards of DTensor grads), and True where the native reads
+    found every param and grad with the metadata ``plan`` was checked with (``Plan.native_meta``),
+    else what ``_same_meta`` checks them with: the params' shards (the Python reads) or None (the
+    native reads, which did not find them so). In one C++ call where ``_native`` is built, else in
+    Python."""
     native = _native.module()
     if native is not None:
         n = len(params)
@@ -273,24 +276,26 @@ def _shards(params, plan: Plan | None = None) -> tuple[np.ndarray | None, np.nda
         else:
             out = native.scan(params, local, pkey, gkey)
         if out is not None:
-            return pkey, gkey, *out
-    pkey, grads = _python_shards(params)
+            grads, same = out
+            return pkey, gkey, grads, same or None
+    pkey, grads, shards = _python_shards(params)
     try:
         gkey = np.fromiter(map(_data_ptr, grads), np.int64, len(grads))  # fails on a None or sparse grad
     except (TypeError, RuntimeError):
         gkey = [-2 if g is None else -1 if g.layout != torch.strided else g.data_ptr() for g in grads]
         gkey = np.array(gkey, np.int64)
-    return pkey, gkey, grads, False
+    return pkey, gkey, grads, shards
 
 
-def _python_shards(params) -> tuple[np.ndarray | None, list]:
-    """``_shards``' pkey and grads, one attribute at a time."""
+def _python_shards(params) -> tuple[np.ndarray | None, list, list]:
+    """``_shards``' pkey and grads, and the params' local shards, one attribute at a time."""
     with _no_subclass_dispatch():  # a DTensor's attributes, without its __torch_function__
         grads = [p.grad for p in params]
     if params and _dtensor.is_dtensor(params[0]):
         try:  # a group of DTensor params with DTensor grads (FSDP2): read in bulk
-            pkey = np.fromiter(map(_data_ptr, [p._local_tensor for p in params]), np.int64, len(params))
-            return pkey, [g._local_tensor for g in grads]
+            shards = [p._local_tensor for p in params]
+            pkey = np.fromiter(map(_data_ptr, shards), np.int64, len(params))
+            return pkey, [g._local_tensor for g in grads], shards
         except AttributeError:  # a plain param or a missing grad among them: one by one
             pass
     try:
@@ -298,35 +303,40 @@ def _python_shards(params) -> tuple[np.ndarray | None, list]:
     except RuntimeError:
         pkey = None
     if pkey is not None and not pkey.all():  # a DTensor (data_ptr 0), or an empty tensor
-        pkey = np.array([_data_ptr(_dtensor.local(p)) for p in params], np.int64)
-        grads = [None if g is None else _dtensor.local(g) for g in grads]
-    return pkey, grads
+        shards = [_dtensor.local(p) for p in params]
+        pkey = np.fromiter(map(_data_ptr, shards), np.int64, len(params))
+        return pkey, [None if g is None else _dtensor.local(g) for g in grads], shards
+    return pkey, grads, params
 
 
 def _same_key(a: np.ndarray | None, b: np.ndarray | None) -> bool:
     return a is b or (a is not None and b is not None and a.shape == b.shape and bool((a == b).all()))
 
 
-def _grad_moves(plan: Plan, grads, gkey: np.ndarray, checked: bool = False) -> list | None:
+def _same_meta(plan: Plan, params: list, shards: list | None, grads: list, gkey: np.ndarray) -> bool:
+    """Whether every param (its local shard) and grad still has the dtype, device, shape and
+    strides of those ``plan`` was checked with, so that every check and layout decision still
+    holds: a param reshaped in place keeps its address, and so may its grad (and a grad that moved
+    may be another tensor altogether). A grad that appeared, vanished or turned sparse: False.
+    In one C++ call (TorchDynamo's ``TensorGuards``), or, where it says no (or inside a
+    TorchDispatchMode, whose dispatch key it sees), one tensor at a time."""
+    old = plan.gkey
+    if len(gkey) != len(old) or (((old <= 0) | (gkey <= 0)) & (old != gkey)).any():  # -2: none, -1: sparse
+        return False
+    shards = _python_shards(params)[2] if shards is None else shards
+    checked = [*shards, *(grads if plan.dense is None else [grads[i] for i in plan.dense])]
+    if plan.guards is not None and plan.guards(*checked):
+        return True
+    return all(not t.is_conj() and not t.is_neg() and _meta(t) == m for t, m in zip(checked, plan.meta))
+
+
+def _grad_moves(plan: Plan, gkey: np.ndarray) -> list:
     """The cached plan with only grad storage changed (autograd allocated new grads, as after
     ``zero_grad(set_to_none=True)`` when the allocator hands out other addresses; FSDP2's
-    reduce-scatter outputs at every step): the tables' rows to point at the new grads,
-    [(launch, rows, addresses)]; the rest is kept. Every grad must match
-    the one the plan was checked with in dtype, device, shape and strides, so every check and
-    layout decision still holds. Otherwise (a grad appeared, vanished, turned sparse or changed)
-    None: the full check then runs and raises where torch would. ``checked``: the native reads
-    found every moved grad like the plan's (``_shards``)."""
-    if len(gkey) != len(plan.gkey):
-        return None
+    reduce-scatter outputs at every step), each grad checked by ``_same_meta`` or the native reads:
+    the tables' rows to point at the new grads, [(launch, rows, addresses)]; the rest is kept."""
     old, new = plan.gkey, gkey
     changed = np.flatnonzero(old != new)
-    if not checked:  # by the native reads (which refuse the cases below): here
-        if (old[changed] <= 0).any() or (new[changed] <= 0).any():  # -2: no grad, -1: sparse, 0: empty
-            return None
-        # TorchDynamo's C++ check; where it says no (or inside a TorchDispatchMode, whose dispatch
-        # key it sees), the exact check one grad at a time decides
-        if not (plan.guards is not None and plan.guards(*grads)) and not _same_grads(plan, grads, changed):
-            return None
     if plan.direct:  # one launch, whose table rows are the group's positions in order
         return [(plan.launches[0], changed, new[changed])]
     moves = []
@@ -339,25 +349,22 @@ def _grad_moves(plan: Plan, grads, gkey: np.ndarray, checked: bool = False) -> l
     return moves
 
 
-def _same_grads(plan: Plan, grads, changed: np.ndarray) -> bool:
-    """``_grad_moves``' check, one moved grad at a time."""
-    for i in changed.tolist():
-        g, meta = grads[i], plan.meta[i]
-        if meta is None or g.is_conj() or g.is_neg() or (g.dtype, g.device, g.shape, g.stride()) != meta:
-            return False
-    return True
+def _meta(t) -> tuple:
+    return t.dtype, t.device, t.shape, t.stride()
 
 
-def _native_meta(grads, meta: list) -> tuple[np.ndarray, np.ndarray] | None:
-    """The metadata of the grads a plan was checked with (``meta`` not None) as the native reads
-    compare moved grads with it: (a code per grad, a table of the distinct shapes); None without
-    the native reads."""
+def _native_meta(shards: list, grads: list, dense: list) -> tuple[np.ndarray, np.ndarray] | None:
+    """The metadata of the param shards and dense grads a plan was checked with, as the native
+    reads compare them: (a code per param, then per grad; a table of the distinct shapes); None
+    without the native reads."""
     native = _native.module()
     if native is None:
         return None
-    codes = np.empty(len(grads), np.int64)
-    table = native.describe([g if m is not None else None for g, m in zip(grads, meta)], codes)
-    return codes, np.frombuffer(table, np.int64)
+    described = [*shards, *[None] * len(grads)]
+    for i in dense:
+        described[len(shards) + i] = grads[i]
+    codes = np.empty(len(described), np.int64)
+    return codes, np.frombuffer(native.describe(described, codes), np.int64)
 
 
 def _tensor_guards():
@@ -379,10 +386,10 @@ def _tensor_guards():
 _TensorGuards = _tensor_guards()
 
 
-def grad_guards(grads):
-    """A function telling, in one C++ call, whether its arguments have the dtype, device, shape
-    and strides of ``grads`` (dense tensors); None where torch lacks the check."""
+def guards(tensors):
+    """A function telling, in one C++ call, whether its arguments have the dispatch keys, dtype,
+    device, shape and strides of ``tensors`` (dense tensors); None where torch lacks the check."""
     if _TensorGuards is None:
         return None
-    sizes, strides = [list(g.shape) for g in grads], [list(g.stride()) for g in grads]
-    return _TensorGuards(*grads, dynamic_dims_sizes=sizes, dynamic_dims_strides=strides).check
+    sizes, strides = [list(t.shape) for t in tensors], [list(t.stride()) for t in tensors]
+    return _TensorGuards(*tensors, dynamic_dims_sizes=sizes, dynamic_dims_strides=strides).check

@@ -260,22 +260,24 @@ def launch_tables(launch: Launch, grads, num_warps: int, blocks: int) -> Tables:
 
 @dataclass
 class Plan:
-    """A group's launches, and what ``_plans._grad_moves`` needs to repoint them at new grads."""
+    """A group's launches, what ``_plans._same_meta`` and the native reads check each step against,
+    and what ``_plans._grad_moves`` needs to repoint the launches at new grads."""
 
     pkey: np.ndarray | None  # the params' (local) addresses; None where one has no storage
     gkey: np.ndarray  # the grads' addresses (-2: no grad, -1: sparse)
     keys: tuple  # the group's signature
     launches: list
     sparse: list  # group positions of params with sparse grads this step
-    # Per group position: its launch's index (-1: none), its row in the launch's tensor table (-1:
-    # a staged grad, or no table) and its grad's (dtype, device, shape, strides), or None.
+    # Per group position: its launch's index (-1: none) and its row in the launch's tensor table
+    # (-1: a staged grad, or no table).
     launch_of: np.ndarray | None = None
     row_of: np.ndarray | None = None
+    dense: list | None = None  # the positions with a dense grad; None: all of them
+    # (dtype, device, shape, strides) of each param's local shard, then of each dense grad
     meta: list = field(default_factory=list)
     native_meta: tuple | None = None  # ``meta`` as the native reads compare it (``_plans._native_meta``)
-    # ``guards(*grads)``: True when the grads have the metadata of this plan's (one C++ call; a
-    # False is checked again with ``meta``); None where a grad was missing or sparse, or torch
-    # lacks the check.
+    # ``guards(*shards, *dense grads)``: True when they have this plan's metadata (one C++ call; a
+    # False is checked again with ``meta``); None where torch lacks the check.
     guards: object = None
     direct: bool = False  # one launch, whose table row j is group position j
 

@@ -1,7 +1,9 @@
 """What keeps ``step()`` cheap on the host (``benchmarks/host.py`` times it): grads and addresses
-read in one native call (``fused_optim/_native.cpp``) that agrees with the Python reads; a step
-whose grads moved keeps its plan and checks the grads in one C++ call; an FSDP2 step reads the
-grads' local shards in bulk and checks nothing else again. Behaviour, not timings."""
+read in one native call (``fused_optim/_native.cpp``) that agrees with the Python reads; every
+step checks the params' and grads' metadata against the plan's in one C++ call (a param reshaped
+or a grad restrided at the same address is caught); a step whose grads moved keeps its plan; an
+FSDP2 step reads the grads' local shards in bulk and checks nothing else again. Behaviour, not
+timings."""
 
 from __future__ import annotations
 
@@ -137,51 +139,58 @@ def test_native_and_python_reads_agree(monkeypatch, device):
         scan([torch.nn.Parameter(torch.ones(2))], False, np.zeros(1, np.int32), np.zeros(1, np.int64))
 
 
-def test_native_reads_check_moved_grads_against_the_plans(device):
-    """Given the plan's grad addresses and metadata rows, the native reads say whether every grad
-    that moved still has the dtype, device, shape and strides of the plan's grad: not for a grad
-    that vanished or turned sparse, nor where the param itself was reshaped at the same address."""
+def test_native_reads_check_params_and_grads_against_the_plans(device):
+    """Given the plan's grad addresses and metadata rows (params, then grads), the native reads say
+    whether every param and grad still has the dtype, device, shape and strides of the plan's,
+    moved or not: not for a grad that vanished or turned sparse, nor for a param or grad reshaped
+    or restrided at the same address."""
     native = _built()
     params = leaves(random_tensors(SHAPES, torch.float32, 0, device))
     for p in params:
         p.grad = torch.randn(p.shape, device=device)
     n = len(params)
     keys = np.zeros(n, np.int64), np.zeros(n, np.int64)
-    grads, checked = native.scan(params, False, *keys)
-    assert not checked and all(g is p.grad for g, p in zip(grads, params))  # nothing to check against
+    grads, same = native.scan(params, False, *keys)
+    assert not same and all(g is p.grad for g, p in zip(grads, params))  # nothing to check against
     old = keys[1].copy()
 
-    def plan_meta(plan_grads):
-        codes = np.zeros(n, np.int64)
-        return codes, np.frombuffer(native.describe(plan_grads, codes), np.int64)
+    def plan_meta(plan_params, plan_grads):
+        codes = np.zeros(2 * n, np.int64)
+        return codes, np.frombuffer(native.describe([*plan_params, *plan_grads], codes), np.int64)
 
-    meta = plan_meta(grads)
-    assert len(meta[1]) == 4 * (1 + 2 * 6)  # one table row per distinct shape
-    assert len(plan_meta([grads[0]] * n)[1]) == 1 + 2 * 6
+    meta = plan_meta(params, grads)
+    assert len(meta[1]) == 4 * (1 + 2 * 6)  # one table row per distinct shape: params and grads share them
+    assert len(plan_meta([grads[0]] * n, [grads[0]] * n)[1]) == 1 + 2 * 6
     lazy = torch.randn(3, dtype=torch.complex64, device=device)
     codes = np.zeros(4, np.int64)  # neither a lazy conjugate or negative view nor a mock is described
     native.describe([lazy.conj(), torch._neg_view(lazy), mock.Mock(spec=torch.Tensor), lazy], codes)
     assert list(codes[:3]) == [-1, -1, -1] and codes[3] >= 0
+    with pytest.raises(ValueError, match="int64 arrays of the wrong size"):  # codes for the grads only
+        native.scan(params, False, *keys, old, meta[0][:n], meta[1])
 
-    def moved(grad, meta=meta):
+    def same_as_plan(grad, meta=meta):
         kept, params[0].grad = params[0].grad, grad
         try:
             return native.scan(params, False, *keys, old, *meta)[1]
         finally:
             params[0].grad = kept
 
-    assert moved(params[0].grad)  # nothing moved
-    assert moved(torch.randn(SHAPES[0], device=device))
-    assert not moved(torch.randn(SHAPES[0][::-1], device=device).t())  # strides
+    assert same_as_plan(params[0].grad)  # nothing moved
+    assert same_as_plan(torch.randn(SHAPES[0], device=device))
+    assert not same_as_plan(torch.randn(SHAPES[0][::-1], device=device).t())  # strides
+    assert not same_as_plan(params[0].grad.view(SHAPES[0][::-1]).t())  # strides, at the same address
     # the plan's grad of param 0 was float64 (a DTensor's local grad can be)
-    assert not moved(torch.randn(SHAPES[0], device=device), plan_meta([grads[0].double(), *grads[1:]]))
-    assert not moved(torch.randn(SHAPES[0], device=device).to_sparse())
-    assert not moved(None)
-    assert not moved(torch.randn(SHAPES[0], device=device), plan_meta([None, *grads[1:]]))  # no metadata
+    assert not same_as_plan(torch.randn(SHAPES[0], device=device), plan_meta(params, [grads[0].double(), *grads[1:]]))
+    assert not same_as_plan(torch.randn(SHAPES[0], device=device).to_sparse())
+    assert not same_as_plan(None)
+    assert not same_as_plan(torch.randn(SHAPES[0], device=device), plan_meta(params, [None, *grads[1:]]))  # none
+    assert not same_as_plan(params[0].grad, plan_meta([None, *params[1:]], grads))  # a param not described
     params[0].grad = None
     params[0].data = params[0].data.view(SHAPES[0][::-1])  # the param reshaped, at the same address
-    params[0].grad = torch.randn(SHAPES[0][::-1], device=device)  # and its grad with it
     assert not native.scan(params, False, *keys, old, *meta)[1]
+    params[0].grad = grads[0].view(SHAPES[0][::-1])  # and its grad with it, also at the same address
+    assert not native.scan(params, False, *keys, old, *meta)[1]
+    assert np.array_equal(keys[1], old)
 
 
 def test_a_grad_that_vanishes_while_others_move_rebuilds_the_plan(device, reads):
@@ -209,6 +218,64 @@ def test_a_grad_that_vanishes_while_others_move_rebuilds_the_plan(device, reads)
                 close(opt.state[p][key], value, TOL[torch.float32][1], f"{key} of param {i} step {step}")
 
 
+@pytest.mark.parametrize("name", ["AdamW", "Adafactor", "Muon"])
+def test_a_param_reshaped_at_the_same_address_is_caught(device, reads, name):
+    """A param reshaped in place (``p.data = p.data.view(...)``) with its grad, both at the same
+    addresses: the cached plan is not used (its state, and Adafactor's factors and Muon's matrix,
+    have the old shape); the step raises like torch's, and changes nothing."""
+    params = leaves(random_tensors([(4, 6), (3, 5)], torch.float32, 0, device))
+    opt = getattr(fused_optim, name)(params, lr=0.01)
+    grads = random_tensors([(4, 6), (3, 5)], torch.float32, 1, device)
+    for p, g in zip(params, grads):
+        p.grad = g
+    for _ in range(2):
+        opt.step()
+    params[0].data = params[0].data.view(6, 4)
+    params[0].grad = grads[0].view(6, 4)
+    before = copy.deepcopy([params, opt.state_dict()])
+    ref = getattr(torch.optim, name)(copy.deepcopy(params), lr=0.01)
+    ref.load_state_dict(copy.deepcopy(opt.state_dict()))
+    with pytest.raises(RuntimeError, match="must match the size"):
+        ref.step()
+    with pytest.raises(ValueError, match=r"of parameter 0 .* but the parameter has shape \(6, 4\)"):
+        opt.step()
+    for a, b in zip(params, before[0]):
+        assert torch.equal(a, b)
+    for key, value in before[1]["state"][0].items():
+        assert torch.equal(opt.state_dict()["state"][0][key], value), key
+
+
+def test_a_grad_restrided_at_the_same_address_matches_torch(device, reads):
+    """A square param's grad replaced by its transpose, a view at the same address: the plan made
+    for the old strides is not used, and the step matches torch. A param of more than six dims
+    (which the native reads do not describe; the Python check passes it) keeps its plan."""
+    shapes = [(5, 5), (7,), (2, 1, 2, 1, 2, 1, 3)]
+    init = random_tensors(shapes, torch.float32, 0, device)
+    params, ref_params = leaves(init), leaves(init)
+    opt = fused_optim.AdamW(params, lr=0.05, weight_decay=0.1)
+    ref = torch.optim.AdamW(ref_params, lr=0.05, weight_decay=0.1, foreach=False)
+    held = random_tensors(shapes, torch.float32, 1, device)  # each step's grads, written in place
+    for p, q, g in zip(params, ref_params, held):
+        p.grad, q.grad = g, g.clone()
+    plans = []
+    for step in range(4):
+        for g, value in zip(held, random_tensors(shapes, torch.float32, 10 + step, device)):
+            g.copy_(value)
+        if step == 3:
+            params[0].grad = held[0].t()
+            assert params[0].grad.data_ptr() == held[0].data_ptr()
+        for p, q in zip(params, ref_params):
+            q.grad = p.grad.clone()
+        opt.step()
+        ref.step()
+        plans.append(opt._caches[0].plan)
+        for i, (p, q) in enumerate(zip(params, ref_params)):
+            close(p.detach(), q.detach(), TOL[torch.float32][1], f"param {i} step {step}")
+            for key, value in ref.state[q].items():
+                close(opt.state[p][key], value, TOL[torch.float32][1], f"{key} of param {i} step {step}")
+    assert plans[2] is plans[1] and plans[3] is not plans[2]
+
+
 @pytest.mark.parametrize("one_call", [True, False], ids=["one C++ call", "one grad at a time"])
 def test_moved_grads_rebuild_nothing_and_are_checked(monkeypatch, device, one_call, reads):
     """New grad tensors at every step: no validation, no layout, no new tables; each step matches
@@ -232,7 +299,7 @@ def test_moved_grads_rebuild_nothing_and_are_checked(monkeypatch, device, one_ca
             for name in ("_validate", "_layout", "_plan"):
                 monkeypatch.setattr(opt, name, _refuse(name))
             if one_call:
-                monkeypatch.setattr(_plans, "_same_grads", _refuse("the per-grad check"))
+                monkeypatch.setattr(_plans, "_meta", _refuse("the per-tensor check"))
             if reads == "native":  # the native reads checked every moved grad against the plan's
                 assert plan.native_meta is not None
                 monkeypatch.setattr(plan, "guards", _refuse("the one-call check"))
@@ -249,7 +316,7 @@ def test_moved_grads_rebuild_nothing_and_are_checked(monkeypatch, device, one_ca
     if not one_call:
         monkeypatch.setattr(_plans, "_TensorGuards", None)
     same = [p.grad.clone() for p in params]
-    assert _plans._grad_moves(plan, same, _key(same)) is not None
+    assert _plans._same_meta(plan, params, params, same, _key(same))
     changes = {
         "shape": lambda g: g.reshape(-1),
         "strides": lambda g: torch.zeros(*g.shape[:-1], g.shape[-1] + 1, device=device)[..., :-1],
@@ -259,7 +326,13 @@ def test_moved_grads_rebuild_nothing_and_are_checked(monkeypatch, device, one_ca
     for what, change in changes.items():
         moved = [p.grad.clone() for p in params]
         moved[0] = change(moved[0])
-        assert _plans._grad_moves(plan, moved, _key(moved)) is None, what
+        assert not _plans._same_meta(plan, params, params, moved, _key(moved)), what
+    # a param reshaped, and its grad with it, both at the same address
+    reshaped = [params[0].detach().view(SHAPES[0][::-1]), *params[1:]]
+    grads = [p.grad for p in params]
+    assert not _plans._same_meta(plan, params, reshaped, grads, _key(grads))
+    grads[0] = grads[0].view(SHAPES[0][::-1])
+    assert not _plans._same_meta(plan, params, reshaped, grads, _key(grads))
 
 
 def test_fsdp2_steps_read_local_grads_in_bulk_and_check_nothing_again(monkeypatch, device, reads):
@@ -290,7 +363,7 @@ def test_fsdp2_steps_read_local_grads_in_bulk_and_check_nothing_again(monkeypatc
                 assert plan.guards is not None and (plan.native_meta is not None) == (reads == "native")
                 for name in ("_validate", "_layout", "_plan"):
                     monkeypatch.setattr(opt, name, _refuse(name))
-                monkeypatch.setattr(_plans, "_same_grads", _refuse("the per-grad check"))
+                monkeypatch.setattr(_plans, "_meta", _refuse("the per-tensor check"))
                 if reads == "native":
                     monkeypatch.setattr(plan, "guards", _refuse("the one-call check"))
                 monkeypatch.setattr(_plans._dtensor, "local", _refuse("reading DTensors one by one"))
@@ -326,15 +399,15 @@ def test_moved_grads_of_two_launches_and_a_staged_grad(monkeypatch, device, read
         if step == 2:
             plan = opt._caches[0].plan
             assert len(plan.launches) == 2 and not plan.direct and (plan.row_of == -1).sum() == 1
-            # the native reads check every moved grad themselves, the staged one too; without them
-            # the one-call check sees every grad
+            # the native reads check every param and grad themselves, the staged one too; without
+            # them the one-call check sees every param and grad
             monkeypatch.setattr(plan, "guards", _counted(plan.guards, seen))
             for name in ("_validate", "_layout", "_plan"):
                 monkeypatch.setattr(opt, name, _refuse(name))
         opt.step()
         ref.step()
         if step >= 2:
-            assert opt._caches[0].plan is plan and seen == ([] if reads == "native" else [5] * (step - 1))
+            assert opt._caches[0].plan is plan and seen == ([] if reads == "native" else [10] * (step - 1))
         for i, (p, q) in enumerate(zip(params, ref_params)):
             tol = TOL[p.dtype][1]
             close(p.detach(), q.detach(), tol, f"param {i} step {step}")

@@ -25,12 +25,14 @@ from references import (
     FUSED_FMA,
     RUN,
     NoHostReads,
-    bf16_neighbours,
+    bf16_states_side_by_side,
+    clip_side_by_side,
     compare,
     correctly_rounded_sqrt,
     grad_scale_arguments_side_by_side,
     grad_scaler_side_by_side,
     side_by_side,
+    stochastic_rounding_side_by_side,
 )
 
 # torch's CUDA kernels divide by a CPU scalar as a product with its reciprocal (the bias corrections):
@@ -411,12 +413,9 @@ def test_grad_scale_and_found_inf_as_arguments(device):
 
 def test_max_grad_norm_clips_inside_step(device):
     opt, ref, params, ref_params = _pair(device, max_grad_norm=0.7)
-    for step in range(3):
-        set_grads(params, ref_params, step, 1)
-        torch.nn.utils.clip_grad_norm_(ref_params, 0.7)
-        opt.step()
-        ref.step()
-        compare(opt, ref, params, ref_params, RUN, f"after step {step + 1}", ("step",))
+    clip_side_by_side(
+        opt, ref, params, ref_params, lambda where: compare(opt, ref, params, ref_params, RUN, where, ("step",))
+    )
 
 
 def test_master_weights_follow_pytorch_optimizer_on_fp32_copies(device):
@@ -441,33 +440,21 @@ def test_master_weights_follow_pytorch_optimizer_on_fp32_copies(device):
 @pytest.mark.skipif(not FUSED_FMA or torch.cuda.is_available(), reason=BF16_STATES)
 def test_bf16_states_equal_pytorch_optimizer_with_its_states_rounded(device):
     opt, ref, params, ref_params = _pair(device, state_dtype=torch.bfloat16)
-    for step in range(4):
-        set_grads(params, ref_params, step, 0)
-        opt.step()
-        ref.step()
-        with torch.no_grad():
-            for q in ref_params:
-                for value in ref.state[q].values():
-                    value.copy_(value.bfloat16().float())
+
+    def check(where):
         for p in params:
             assert all(opt.state[p][k].dtype == torch.bfloat16 for k in ("exp_avg", "exp_avg_sq", "exp_avg_slow"))
-        compare(opt, ref, params, ref_params, EXACT, f"after step {step + 1}", ("step",))
+        compare(opt, ref, params, ref_params, EXACT, where, ("step",))
+
+    bf16_states_side_by_side(opt, ref, params, ref_params, check)
 
 
 def test_stochastic_rounding_lands_on_a_neighbour_of_the_fp32_result(device):
-    init = random_tensors([(4096,)], torch.bfloat16, 5, device)
-    params, exact = leaves(init), leaves([t.float() for t in init])
-    opt = fused_optim.AdEMAMix(params, lr=0.01, stochastic_rounding=True)
-    ref = Reference(exact, lr=0.01)
-    grads = random_tensors([(4096,)], torch.bfloat16, 6, device)
-    params[0].grad, exact[0].grad = grads[0], grads[0].float()
-    opt.step()
-    ref.step()
-    mine, fp32 = params[0].detach().double(), exact[0].detach().double()
-    lo, hi = bf16_neighbours(fp32)
-    assert torch.all((mine == lo) | (mine == hi))
-    bias = ((mine - fp32) / (hi - lo).clamp_min(1e-30)).mean().item()  # in ulps; unbiased around 0
-    assert abs(bias) < 5 * 0.5 / 4096**0.5, bias
+    stochastic_rounding_side_by_side(
+        lambda params: fused_optim.AdEMAMix(params, lr=0.01, stochastic_rounding=True),
+        lambda exact: Reference(exact, lr=0.01),
+        device,
+    )
 
 
 def test_dtensor_params_step_like_plain_tensors_and_restore_through_dcp(device, tmp_path):

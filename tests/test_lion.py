@@ -14,11 +14,13 @@ from references import (
     EXACT,
     FUSED_FMA,
     RUN,
-    bf16_neighbours,
+    bf16_states_side_by_side,
+    clip_side_by_side,
     compare,
     grad_scale_arguments_side_by_side,
     grad_scaler_side_by_side,
     side_by_side,
+    stochastic_rounding_side_by_side,
 )
 
 Reference = lion_pytorch.Lion
@@ -158,12 +160,7 @@ def test_grad_scale_and_found_inf_as_arguments(device):
 
 def test_max_grad_norm_clips_inside_step(device):
     opt, ref, params, ref_params = _pair(device, max_grad_norm=0.7)
-    for step in range(3):
-        set_grads(params, ref_params, step, 1)
-        torch.nn.utils.clip_grad_norm_(ref_params, 0.7)
-        opt.step()
-        ref.step()
-        compare(opt, ref, params, ref_params, RUN, f"after step {step + 1}")
+    clip_side_by_side(opt, ref, params, ref_params, lambda where: compare(opt, ref, params, ref_params, RUN, where))
 
 
 def test_master_weights_follow_lion_pytorch_on_fp32_copies(device):
@@ -189,32 +186,21 @@ def test_bf16_states_equal_lion_pytorch_with_its_state_rounded(device):
     """state_dtype=bf16: fp32 math on the stored bf16 momentum, rounded once when stored; the
     reference is lion_pytorch in fp32 with exp_avg rounded to bf16 after every step."""
     opt, ref, params, ref_params = _pair(device, state_dtype=torch.bfloat16)
-    for step in range(4):
-        set_grads(params, ref_params, step, 0)
-        opt.step()
-        ref.step()
-        with torch.no_grad():
-            for q in ref_params:
-                ref.state[q]["exp_avg"].copy_(ref.state[q]["exp_avg"].bfloat16().float())
-        for p in params:
-            assert opt.state[p]["exp_avg"].dtype == torch.bfloat16
-        compare(opt, ref, params, ref_params, EXACT, f"after step {step + 1}")
+
+    def check(where):
+        assert all(opt.state[p]["exp_avg"].dtype == torch.bfloat16 for p in params)
+        assert all(list(ref.state[q]) == ["exp_avg"] for q in ref_params)  # the one state, rounded
+        compare(opt, ref, params, ref_params, EXACT, where)
+
+    bf16_states_side_by_side(opt, ref, params, ref_params, check)
 
 
 def test_stochastic_rounding_lands_on_a_neighbour_of_the_fp32_result(device):
-    init = random_tensors([(4096,)], torch.bfloat16, 5, device)
-    params, exact = leaves(init), leaves([t.float() for t in init])
-    opt = fused_optim.Lion(params, lr=1e-3, stochastic_rounding=True)
-    ref = Reference(exact, lr=1e-3)
-    grads = random_tensors([(4096,)], torch.bfloat16, 6, device)
-    params[0].grad, exact[0].grad = grads[0], grads[0].float()
-    opt.step()
-    ref.step()
-    mine, fp32 = params[0].detach().double(), exact[0].detach().double()
-    lo, hi = bf16_neighbours(fp32)
-    assert torch.all((mine == lo) | (mine == hi))
-    bias = ((mine - fp32) / (hi - lo).clamp_min(1e-30)).mean().item()  # in ulps; unbiased around 0
-    assert abs(bias) < 5 * 0.5 / 4096**0.5, bias
+    stochastic_rounding_side_by_side(
+        lambda params: fused_optim.Lion(params, lr=1e-3, stochastic_rounding=True),
+        lambda exact: Reference(exact, lr=1e-3),
+        device,
+    )
 
 
 def test_dtensor_params_step_like_plain_tensors(device):

@@ -8,11 +8,11 @@ import math
 
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
 
 import fused_optim
 from algorithms import EVERY_ALGORITHM, everything
 from parity import SHAPES, TOL, assert_same, close, leaves, random_tensors, set_grads
+from references import NoHostReads, clip_side_by_side, stochastic_rounding_side_by_side
 
 RUN = TOL[torch.float32][1]
 NAMES = EVERY_ALGORITHM
@@ -110,12 +110,8 @@ def test_clip_grad_norm_then_step_matches_torch(name, max_norm, device):
 @pytest.mark.parametrize("name", ["Adam", "SGD", "RMSprop"])
 def test_max_grad_norm_clips_inside_step(name, device):
     opt, ref, params, ref_params = _pair(name, device, max_grad_norm=0.7)
-    for step in range(4):
-        set_grads(params, ref_params, step, 1)
-        torch.nn.utils.clip_grad_norm_([q for q in ref_params if q.grad is not None], 0.7)
-        opt.step()
-        ref.step()
-        assert_same(opt, ref, params, ref_params, RUN, f"after step {step + 1}")
+    check = lambda where: assert_same(opt, ref, params, ref_params, RUN, where)  # noqa: E731
+    clip_side_by_side(opt, ref, params, ref_params, check, steps=4)
 
 
 def test_clip_inf_norm_and_error_if_nonfinite(device):
@@ -302,31 +298,13 @@ def test_stochastic_rounding_is_unbiased_and_within_one_ulp(device):
     assert not torch.equal(first, p.detach() < 1.5)  # a new draw every step
 
 
-def _bf16_neighbours(exact):
-    """The bf16 values just below and just above each element of ``exact`` (equal when exact is one)."""
-    nearest = exact.bfloat16()
-    down = torch.nextafter(nearest, torch.full_like(nearest, -math.inf))
-    up = torch.nextafter(nearest, torch.full_like(nearest, math.inf))
-    lo = torch.where(nearest.double() <= exact, nearest, down).double()
-    hi = torch.where(nearest.double() >= exact, nearest, up).double()
-    return lo, hi
-
-
 @pytest.mark.parametrize("name", ["Adam", "RAdam", "Adagrad"])
 def test_stochastic_rounding_stays_within_one_ulp_of_fp32(name, device):
-    init = random_tensors([(4096,)], torch.bfloat16, 5, device)
-    params, exact = leaves(init), leaves([t.float() for t in init])
-    opt = getattr(fused_optim, name)(params, lr=0.01, stochastic_rounding=True)
-    ref = getattr(torch.optim, name)(exact, lr=0.01, foreach=False)
-    grads = random_tensors([(4096,)], torch.bfloat16, 6, device)
-    params[0].grad, exact[0].grad = grads[0], grads[0].float()
-    opt.step()
-    ref.step()
-    mine, fp32 = params[0].detach().double(), exact[0].detach().double()
-    lo, hi = _bf16_neighbours(fp32)
-    assert torch.all((mine == lo) | (mine == hi))
-    bias = ((mine - fp32) / (hi - lo).clamp_min(1e-30)).mean().item()  # in ulps; unbiased around 0
-    assert abs(bias) < 5 * 0.5 / math.sqrt(4096), bias
+    stochastic_rounding_side_by_side(
+        lambda params: getattr(fused_optim, name)(params, lr=0.01, stochastic_rounding=True),
+        lambda exact: getattr(torch.optim, name)(exact, lr=0.01, foreach=False),
+        device,
+    )
 
 
 # --- capturable ----------------------------------------------------------------------------------
@@ -366,17 +344,6 @@ def test_capturable_and_host_steps_give_identical_results(name, device):
                 torch.testing.assert_close(mine.to(value), value, rtol=0, atol=0, msg=f"{key} {i} {step + 1}")
 
 
-class _NoHostReads(TorchFunctionMode):
-    """Fails on anything that reads a tensor's value on the host (a sync on a GPU)."""
-
-    BLOCKED = frozenset({"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy"})
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if getattr(func, "__name__", "") in self.BLOCKED:
-            raise AssertionError(f"host read of a tensor value: {func.__name__}")
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("name", CAPTURABLE)
 def test_capturable_step_reads_nothing_on_the_host(name, device):
     """A steady capturable step, with a tensor lr that a scheduler updates, GradScaler's AMP and
@@ -393,7 +360,7 @@ def test_capturable_step_reads_nothing_on_the_host(name, device):
         if step == 0:
             scaler.step(opt)  # the first step builds tables and lays out state
         else:
-            with _NoHostReads():
+            with NoHostReads():
                 scaler.step(opt)
         scaler.update()
         sched.step()

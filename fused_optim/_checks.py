@@ -88,6 +88,11 @@ class ChecksMixin:
                 if not self._sparse_ok:
                     raise RuntimeError(self._sparse_error)
                 sparse = True
+            if _dtensor.local(p).is_conj():
+                raise NotImplementedError(
+                    f"fused_optim.{name}: {where} is a lazily conjugated view (is_conj()); step its "
+                    "resolved values instead (param.data = param.resolve_conj())"
+                )
             if p.dtype not in REAL_DTYPES and p.dtype not in COMPLEX_DTYPES:
                 raise NotImplementedError(
                     f"fused_optim.{name}: {where} has dtype {p.dtype}; "

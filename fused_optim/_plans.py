@@ -16,7 +16,17 @@ from . import _dtensor, _native
 from ._fallback import uses_triton, warn_fallback
 from ._features import rounding_seed
 from ._quant import CODES, dequantize, quantize_into
-from ._segments import GroupCache, Launch, Plan, Segment, as_float, is_dense_grad, launch_tables, real_dtype
+from ._segments import (
+    GroupCache,
+    Launch,
+    Plan,
+    Segment,
+    as_float,
+    is_dense_grad,
+    launch_tables,
+    real_dtype,
+    same_layout,
+)
 from ._state import ParamState, TrackedState
 from .kernels import _tables
 
@@ -138,7 +148,8 @@ class PlansMixin:
                 and len(seg.members) == len(positions)
                 and all(m is params[i] for m, i in zip(seg.members, positions))
                 and all(
-                    _dtensor.real(m).stride() == st or not d for m, st, d in zip(seg.members, seg.strides, seg.dense)
+                    seg.placing(_dtensor.real(m)) == place
+                    for m, place in zip(seg.members, zip(seg.shapes, seg.strides, seg.dense))
                 )
             )
             if not same:
@@ -174,10 +185,12 @@ class PlansMixin:
                 src = _source(source, k)
                 if k in seg.scales:  # 8-bit: its codes and scales, or the values quantized
                     codes, scales = seg.region(i, k), seg.scale_region(i, k)
-                    if isinstance(src, tuple):
-                        codes.copy_(_dtensor.local(src[0]))
+                    if isinstance(src, tuple) and same_layout(_dtensor.local(src[0]), codes.stride()):
+                        codes.copy_(_dtensor.local(src[0]))  # blocks of the same elements: as they are
                         scales.copy_(_dtensor.local(src[1]))
                         continue
+                    if isinstance(src, tuple):  # codes in another memory order: other blocks
+                        src = dequantize(*src, CODES[k])
                     if src is None and k in fresh_keys:
                         seg.fresh.add(i)
                         continue

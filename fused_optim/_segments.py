@@ -42,7 +42,10 @@ def _layout_dims(shape, strides):
 
 
 def is_dense(t: torch.Tensor) -> bool:
-    """Non-overlapping and dense: the elements fill ``numel`` consecutive slots in some order."""
+    """Non-overlapping and dense: the elements fill ``numel`` consecutive slots in some order, and
+    hold the tensor's values (not a lazy negative or conjugate view, whose memory holds others)."""
+    if t.is_neg() or t.is_conj():
+        return False
     if t.is_contiguous() or t.numel() == 0:
         return True
     expected = 1
@@ -105,16 +108,14 @@ class Segment:
         self.stochastic = stochastic
         self.seed = 0  # stochastic rounding (``_features.rounding_seed``)
         self.device_step = device_step
+        self.row_major = row_major
         self.shapes, self.strides, self.dense = [], [], []
         offsets, numels, total = [], [], 0
         for p in members:
             real = _dtensor.real(p)
-            dense = real.is_contiguous() if row_major else is_dense(real)
-            self.shapes.append(tuple(real.shape))
-            # State regions copy p's memory order, so element k of p, its grad and its state
-            # share one flat index; a param that is not dense is staged through a contiguous copy
-            # (``row_major``: a param that is not contiguous, for kernels that need its rows).
-            self.strides.append(tuple(real.stride()) if dense else _contiguous_strides(real.shape))
+            shape, strides, dense = self.placing(real)
+            self.shapes.append(shape)
+            self.strides.append(strides)
             self.dense.append(dense)
             offsets.append(total)
             numels.append(real.numel())
@@ -164,6 +165,14 @@ class Segment:
         if key not in self.own_layout:
             return int(self.numels.sum())
         return sum(int(np.prod(s, dtype=np.int64)) for s in self.own_layout[key][1] if s is not None)
+
+    def placing(self, real: torch.Tensor) -> tuple[tuple, tuple, bool]:
+        """(shape, strides, whether addressed in place) of a member as this segment lays it out.
+        State regions copy its memory order, so element k of the param, its grad and its state
+        share one flat index; a param that is not dense is staged through a contiguous copy
+        (``row_major``: a param that is not contiguous, for kernels that need its rows)."""
+        dense = is_dense(real) and (real.is_contiguous() or not self.row_major)
+        return tuple(real.shape), tuple(real.stride()) if dense else _contiguous_strides(real.shape), dense
 
     def region(self, i: int, key: str) -> torch.Tensor:
         """Member ``i``'s region of ``key`` in its real dtype and layout."""
@@ -218,7 +227,8 @@ class Launch:
     def stage_in(self, grads) -> None:
         """Copy grads (and params) that the kernels cannot address in place into their buffers."""
         for pos, buf in self.stage_grads:
-            buf.copy_(_dtensor.real(grads[pos]))
+            g = _dtensor.local(grads[pos])  # a lazy conjugate (complex) or negative view resolved by the copy
+            (torch.view_as_complex(buf) if g.is_complex() else buf).copy_(g)
 
     def stage_params_in(self) -> None:
         for i, buf in self.stage_params:
@@ -238,7 +248,7 @@ def launch_tables(launch: Launch, grads, num_warps: int, blocks: int) -> Tables:
     g_addr = np.empty(n, dtype=np.int64)
     for j, i in enumerate(rows.tolist()):
         p = _dtensor.real(seg.members[i])
-        g = _dtensor.real(grads[seg.group_index[i]])
+        g = _dtensor.local(grads[seg.group_index[i]])
         shape, strides = seg.shapes[i], seg.strides[i]
         if seg.dense[i]:
             p_addr[j] = p.data_ptr()
@@ -246,7 +256,7 @@ def launch_tables(launch: Launch, grads, num_warps: int, blocks: int) -> Tables:
             buf = torch.empty_strided(shape, strides, dtype=seg.dtype, device=seg.device)
             launch.stage_params.append((i, buf))
             p_addr[j] = buf.data_ptr()
-        if same_layout(g, strides):
+        if not g.is_conj() and same_layout(_dtensor.real(g), strides):
             g_addr[j] = g.data_ptr()
         else:
             buf = torch.empty_strided(shape, strides, dtype=seg.dtype, device=seg.device)

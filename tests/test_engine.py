@@ -306,3 +306,82 @@ def test_bytes_per_step_counts_every_array(cls, kwargs, per_param, device):
         p.grad = torch.randn_like(p)
     opt.step()
     assert opt.bytes_per_step() == per_param * 1020 + per_param // 2 * 5
+
+
+def _side_by_side(cls, params, ref_params, grads_per_step, **kwargs):
+    """``cls`` from fused_optim and torch.optim on the same params and grads (``grads_per_step``:
+    a list per step, or a function of the step making them), params and state compared."""
+    opt = getattr(fused_optim, cls)(params, **kwargs)
+    ref = getattr(torch.optim, cls)(ref_params, foreach=False, **kwargs)
+    for step, grads in enumerate(grads_per_step):
+        for p, q, g in zip(params, ref_params, grads):
+            p.grad, q.grad = g, g.clone()
+        opt.step()
+        ref.step()
+        assert_same(opt, ref, params, ref_params, {"rtol": 1e-5, "atol": 1e-6}, f"{cls} after step {step + 1}")
+    return opt
+
+
+def test_lazy_negative_and_conjugate_views(device):
+    """A grad or param with the lazy negative bit, and a complex grad with the lazy conjugate bit,
+    hold other values in memory than they show: they are staged through resolved copies, and each
+    step matches torch. A lazily conjugated param is refused, before anything changes."""
+    torch.manual_seed(0)
+    shapes = [(5, 3), (4,)]
+    # dense grads with the negative bit (as the imaginary part of a conjugated complex tensor of
+    # one element is)
+    neg_grads = [[torch._neg_view(torch.randn(s, device=device)) for s in shapes] for _ in range(3)]
+    assert all(g.is_neg() and g.is_contiguous() for grads in neg_grads for g in grads)
+    init = random_tensors(shapes, torch.float32, 0, device)
+    _side_by_side("AdamW", leaves(init), leaves(init), neg_grads, lr=0.1, weight_decay=0.1)
+    # a param with the negative bit (SGD, whose update torch applies to the view itself)
+    neg_param = torch._neg_view(torch.randn(6, device=device)).detach().requires_grad_()
+    assert neg_param.is_neg()
+    ref_param = neg_param.detach().clone().requires_grad_()
+    grads = [[torch.randn(6, device=device)] for _ in range(3)]
+    _side_by_side("SGD", [neg_param], [ref_param], grads, lr=0.1, momentum=0.9)
+    # complex params, conjugated grads
+    init = random_tensors(shapes, torch.complex64, 1, device)
+    conj_grads = [[torch.randn(*s, dtype=torch.complex64, device=device).conj() for s in shapes] for _ in range(3)]
+    _side_by_side("SGD", leaves(init), leaves(init), conj_grads, lr=0.1, momentum=0.9)
+    # a conjugated param
+    p = torch.randn(3, dtype=torch.complex64, device=device).conj().detach().requires_grad_()
+    before = p.detach().clone()
+    opt = fused_optim.SGD([p], lr=0.1, momentum=0.9)
+    p.grad = torch.randn(3, dtype=torch.complex64, device=device)
+    with pytest.raises(NotImplementedError, match="lazily conjugated"):
+        opt.step()
+    assert torch.equal(p.detach(), before) and not opt.state
+
+
+def test_a_stateless_param_resized_in_place_gets_a_new_layout(device):
+    """SGD without momentum keeps no state that would show a param's new shape: a param that
+    grows, shrinks (a view into a larger buffer) or gains rows with its strides unchanged is laid
+    out again; every step matches torch and nothing past the param's memory is written."""
+    params, refs = (
+        [torch.zeros(4, device=device, requires_grad=True)],
+        [torch.zeros(4, device=device, requires_grad=True)],
+    )
+    opt = fused_optim.SGD(params, lr=1.0)
+    ref = torch.optim.SGD(refs, lr=1.0, foreach=False)
+    big, ref_big = torch.zeros(10, device=device), torch.zeros(10, device=device)
+    for step, (data, ref_data) in enumerate(
+        [(None, None), (torch.zeros(6, device=device), torch.zeros(6, device=device)), (big[:3], ref_big[:3])]
+    ):
+        if data is not None:
+            params[0].data, refs[0].data = data, ref_data
+        g = torch.randn(params[0].shape, device=device)
+        params[0].grad, refs[0].grad = g, g.clone()
+        opt.step()
+        ref.step()
+        assert torch.equal(params[0], refs[0]), step
+    assert torch.equal(big, ref_big) and not big[3:].any()
+    p, q = torch.zeros(2, 3, device=device, requires_grad=True), torch.zeros(2, 3, device=device, requires_grad=True)
+    grads = [[torch.randn(2, 3, device=device)]]
+    opt = _side_by_side("SGD", [p], [q], grads, lr=1.0)
+    p.data, q.data = torch.zeros(3, 3, device=device), torch.zeros(3, 3, device=device)  # strides stay (3, 1)
+    g = torch.randn(3, 3, device=device)
+    p.grad, q.grad = g, g.clone()
+    opt.step()
+    torch.optim.SGD([q], lr=1.0, foreach=False).step()
+    assert torch.equal(p, q)

@@ -329,6 +329,38 @@ def test_state_dict_layout_and_exact_round_trip(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_codes_move_to_another_memory_order_requantized(dtype):
+    """Blocks follow the param's memory order. A checkpoint of row-major params loaded into
+    column-major copies gets its codes requantized (within one quantization of the saved values),
+    not copied beside scales of other blocks; the original optimizer, its params turned
+    column-major, requantizes its own codes at its next step alike (both go on bit-equal)."""
+    opt, params = _trained(dtype, steps=2)
+    saved = opt.dequantized_state_dict()["state"]
+    twins = [torch.nn.Parameter(p.detach().t().contiguous().t()) for p in params]
+    twin = fused_optim.AdamW(twins, state_dtype=dtype, lr=0.01)
+    twin.load_state_dict(opt.state_dict())
+    loaded = twin.dequantized_state_dict()["state"]
+    assert twin.state[twins[0]]["exp_avg_codes"].stride() == (1, QUANTIZED_SHAPES[0][0])
+    # one more rounding: at most half a step of e4m3 (2^-4 relative; squared for the square-root code)
+    for i in range(len(QUANTIZED_SHAPES)):
+        for key in ("exp_avg", "exp_avg_sq"):
+            rel = (1 + 2**-4) ** 2 - 1 if CODES[key] == SQRT else 2**-4
+            bound = rel * saved[i][key].abs() + 2**-7 * saved[i][key].abs().amax()
+            assert ((loaded[i][key] - saved[i][key]).abs() <= bound).all(), (i, key)
+    for p, q in zip(params, twins):
+        p.data = q.detach().clone(memory_format=torch.preserve_format)
+    for step in range(2):
+        for p, q, g in zip(params, twins, _tensors(SHAPES, 60 + step)):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        twin.step()
+        for i, (p, q) in enumerate(zip(params, twins)):
+            assert torch.equal(p, q), (i, step)
+            for key, value in opt.state[p].items():
+                assert torch.equal(twin.state[q][key], value), (i, key, step)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_torch_checkpoints_load_and_export(dtype):
     """A torch.optim.AdamW checkpoint (fp32 states) loads into the 8-bit optimizer, quantized on
     load; ``dequantized_state_dict()`` loads into torch.optim.AdamW, which then holds exactly our

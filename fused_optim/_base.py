@@ -227,7 +227,7 @@ class FusedOptimizer(PlansMixin, FeaturesMixin, ChecksMixin, FallbackMixin, Opti
         """Advance the host scalar state of the params being updated, in place (torch: step += 1)."""
         scalars["step"] += 1
 
-    def _check_sparse(self, group) -> None:
+    def _check_sparse(self, group, grads) -> None:
         """Called when a group holds sparse grads (``_sparse_ok``): raise what torch raises."""
 
     @property
@@ -398,16 +398,19 @@ class FusedOptimizer(PlansMixin, FeaturesMixin, ChecksMixin, FallbackMixin, Opti
     def _host_step_scalars(self, group, launch: Launch, lr: float, weight_decay: float, decoupled: bool):
         """Advance the host scalar state of the launch's rows (torch: ``step += 1`` per param) and
         return their step scalars: a tuple when every row has the same scalar state, else a
-        per-tensor table."""
+        per-tensor table. The advance is kept only once the scalars are computed."""
         seg = launch.seg
         if not seg.scalars_np:
             return ()
-        rows = None if launch.all_rows else launch.rows
-        values = {k: a if rows is None else a[rows] for k, a in seg.scalars_np.items()}
+        rows = slice(None) if launch.all_rows else launch.rows
+        values = {k: a[rows].copy() for k, a in seg.scalars_np.items()}
         self._advance_scalars(group, values)
-        if rows is not None:
-            for k, a in seg.scalars_np.items():
-                a[rows] = values[k]
+        scalars = self._step_scalars_of(group, values, lr, weight_decay, decoupled, seg.device)
+        for k, a in seg.scalars_np.items():
+            a[rows] = values[k]
+        return scalars
+
+    def _step_scalars_of(self, group, values: dict, lr: float, weight_decay: float, decoupled: bool, device):
         if not self._algorithm.n_step:
             return ()
         if all(v.min() == v.max() for v in values.values()):
@@ -416,7 +419,7 @@ class FusedOptimizer(PlansMixin, FeaturesMixin, ChecksMixin, FallbackMixin, Opti
         distinct, inverse = np.unique(np.stack([values[k] for k in keys], axis=1), axis=0, return_inverse=True)
         per_row = [self._step_scalars(group, dict(zip(keys, map(float, row)))) for row in distinct]
         per_row = np.asarray(per_row, dtype=np.float64)[inverse.reshape(-1)]
-        return step_table(per_row, lr, weight_decay, decoupled, values["step"], seg.device)
+        return step_table(per_row, lr, weight_decay, decoupled, values["step"], device)
 
     # --- introspection ---------------------------------------------------------------------------
     def bytes_per_step(self) -> int:

@@ -122,7 +122,7 @@ class ChecksMixin:
             if state:
                 self._check_state(state, p, group, where)
         if sparse:
-            self._check_sparse(group)
+            self._check_sparse(group, grads)
 
     def _check_quantizable(self, p: torch.Tensor, where: str) -> None:
         """8-bit states of ``p``: real, and sharded (if at all) by rows, so that no block straddles ranks."""

@@ -138,7 +138,17 @@ class FallbackMixin:
         self._reference(
             group,
             params,
-            [grads[i] for i in positions],
+            [_uncoalesced(grads[i]) for i in positions],
             [self.state[p] if stateful else {} for p in params],
             [False] * len(params),
         )
+
+
+def _uncoalesced(grad: torch.Tensor) -> torch.Tensor:
+    """A coalesced sparse grad as the same entries marked uncoalesced. torch's CPU ``add_`` of a
+    coalesced sparse tensor into a dense view that starts past the beginning of its storage (our
+    state: views into flat buffers) writes at twice the view's offset, outside the view (torch
+    2.13); the uncoalesced path adds where it should. torch.optim's own state never starts there."""
+    if not grad.is_sparse or not grad.is_coalesced():
+        return grad
+    return torch.sparse_coo_tensor(grad._indices(), grad._values(), grad.shape, check_invariants=False)

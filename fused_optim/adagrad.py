@@ -56,7 +56,7 @@ class Adagrad(FusedOptimizer):
         # a complex value: here, every element of its real view).
         region.fill_(self.defaults["initial_accumulator_value"])
 
-    def _check_sparse(self, group) -> None:
+    def _check_sparse(self, group, grads) -> None:
         if group["weight_decay"] != 0:
             raise RuntimeError("weight_decay option is not compatible with sparse gradients")
 

@@ -57,15 +57,15 @@ class NAdam(FusedOptimizer):
 
     def _advance_scalars(self, group, scalars: dict[str, np.ndarray]) -> None:
         scalars["step"] += 1
-        mu = _mu(as_float(group["betas"][0]), scalars["step"].astype(np.float64), group["momentum_decay"])
+        mu = _mu(as_float(group["betas"][0]), scalars["step"].astype(np.float64), as_float(group["momentum_decay"]))
         scalars["mu_product"] *= mu.astype(scalars["mu_product"].dtype)  # mu_product *= mu, in its dtype
 
     def _step_scalars(self, group, scalars) -> tuple[float, float, float]:
         step, mu_product = scalars["step"], scalars["mu_product"]
         lr = as_float(group["lr"])
         beta1, beta2 = (as_float(b) for b in group["betas"])
-        mu = _mu(beta1, step, group["momentum_decay"])
-        mu_next = _mu(beta1, step + 1, group["momentum_decay"])
+        mu = _mu(beta1, step, as_float(group["momentum_decay"]))
+        mu_next = _mu(beta1, step + 1, as_float(group["momentum_decay"]))
         bias_correction2 = 1 - beta2**step
         grad_coef = -lr * (1.0 - mu) / (1.0 - mu_product)
         avg_coef = (-lr * mu_next) / (1.0 - mu_product * mu_next)

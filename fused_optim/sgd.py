@@ -54,9 +54,16 @@ class SGD(FusedOptimizer):
     def _fresh_keys(self, group) -> tuple[str, ...]:
         return ("momentum_buffer",)  # torch starts the buffer as a copy of the first grad
 
-    def _check_sparse(self, group) -> None:
-        # torch fails on grad.add(param) for a sparse grad, after updating the params before it
-        if group["weight_decay"] != 0:
+    def _check_sparse(self, group, grads) -> None:
+        # torch fails on grad.add(param) for a sparse grad, and with Nesterov momentum on
+        # grad.add(buf) for a sparse grad whose buffer is dense (it had dense grads before), after
+        # updating the params before it
+        buffers = [self.state.get(p, {}).get("momentum_buffer") for p in group["params"]]
+        nesterov = group["nesterov"] and group["momentum"] != 0
+        if group["weight_decay"] != 0 or (
+            nesterov
+            and any(g is not None and g.is_sparse and b is not None and not b.is_sparse for g, b in zip(grads, buffers))
+        ):
             raise RuntimeError("add(sparse, dense) is not supported. Use add(dense, sparse) instead.")
 
     def _hyper(self, group) -> tuple[float, ...]:

@@ -128,20 +128,25 @@ def test_sparse_grads_raise_like_torch(name, device):
     ("name", "kwargs"),
     [
         ("SGD", {"lr": 0.1}),
+        ("SGD", {"lr": 0.1, "momentum": 0.9, "dampening": 0.1}),
         ("SGD", {"lr": 0.1, "momentum": 0.9, "nesterov": True}),
         ("Adagrad", {"lr": 0.1, "lr_decay": 0.01}),
     ],
 )
 def test_sparse_grads_match_torch(name, kwargs, device):
-    """Sparse grads take torch's own code; dense params of the same group stay fused."""
-    init = random_tensors([(6, 4), (5, 3), (7,)], torch.float32, 1, device)
+    """Sparse grads take torch's own code; dense params of the same group stay fused. Param 2's
+    grads turn sparse after a dense step: its dense state is then a view into a flat buffer past
+    its start, which torch's in-place add of a coalesced sparse grad would write outside of
+    (not with Nesterov momentum, where torch refuses a sparse grad with a dense buffer)."""
+    init = random_tensors([(6, 4), (7,), (5, 3)], torch.float32, 1, device)
     ours, theirs = leaves(init), leaves(init)
     opt, ref = _classes(name)[0](ours, **kwargs), _classes(name)[1](theirs, **kwargs)
     gen = torch.Generator().manual_seed(2)
     for step in range(6):
         for i, (p, q) in enumerate(zip(ours, theirs)):
             g = torch.randn(p.shape, generator=gen).to(device)
-            if i == 0:  # an embedding-like grad: a few rows, different ones each step
+            switched = i == 2 and step > 0 and not kwargs.get("nesterov")
+            if i == 0 or switched:  # an embedding-like grad: a few rows, different ones each step
                 rows = torch.zeros(p.shape[0], dtype=torch.bool, device=device)
                 rows[[1, 4] if step % 2 else [0, 2, 3]] = True
                 g = (g * rows[:, None]).to_sparse()
@@ -157,21 +162,32 @@ def test_sparse_grads_match_torch(name, kwargs, device):
                 torch.testing.assert_close(mine.to_dense(), value.to_dense(), **TOL)
 
 
-@pytest.mark.parametrize("name", ["SGD", "Adagrad"])
-def test_sparse_grads_with_weight_decay_raise_like_torch(name, device):
-    """torch raises partway through the step; fused_optim raises the same error before any change."""
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [("SGD", {"weight_decay": 0.1}), ("Adagrad", {"weight_decay": 0.1}), ("SGD", {"momentum": 0.9, "nesterov": True})],
+)
+def test_sparse_grads_torch_refuses_raise_like_torch(name, kwargs, device):
+    """With weight decay, or (SGD) Nesterov momentum on a sparse grad whose buffer is dense (its
+    earlier grads were): torch raises partway through the step; fused_optim raises the same error
+    before any change."""
     messages = []
     for cls in _classes(name):
         a = torch.randn(3, device=device, requires_grad=True)
         b = torch.randn(4, 2, device=device, requires_grad=True)
+        opt = cls([a, b], lr=0.1, **kwargs)
+        if "nesterov" in kwargs:  # a dense step first: dense momentum buffers
+            a.grad, b.grad = torch.randn(3, device=device), torch.randn(4, 2, device=device)
+            opt.step()
         a.grad = torch.randn(3, device=device)
         b.grad = torch.randn(4, 2, device=device).to_sparse()
-        before = a.detach().clone()
+        before = [a.detach().clone(), copy.deepcopy(opt.state_dict())]
         with pytest.raises(RuntimeError) as err:
-            cls([a, b], lr=0.1, weight_decay=0.1).step()
+            opt.step()
         messages.append(str(err.value))
         if cls.__module__.startswith("fused_optim"):
-            assert torch.equal(a, before)
+            assert torch.equal(a, before[0])
+            for key, value in before[1]["state"].get(0, {}).items():
+                assert torch.equal(opt.state_dict()["state"][0][key], value), key
     assert messages[0] == messages[1]
 
 
@@ -240,3 +256,20 @@ def test_deepcopy_of_every_optimizer_continues_identically(device):
         opt.step()
         clone.step()
         assert_same(clone, opt, clone_params, params, {"rtol": 0, "atol": 0}, f"{name} after deepcopy")
+
+
+def test_hyperparameters_as_cpu_tensors_match_torch(device):
+    """NAdam with every float hyperparameter a 0-dim CPU tensor (momentum_decay included, which
+    feeds the host's step scalars): each step matches torch's with the same tensors."""
+    kwargs = {
+        "lr": torch.tensor(0.01), "betas": (torch.tensor(0.8), torch.tensor(0.99)), "eps": torch.tensor(1e-6),
+        "weight_decay": torch.tensor(0.1), "momentum_decay": torch.tensor(5e-3),
+    }  # fmt: skip
+    init = random_tensors(SHAPES, torch.float32, 0, device)
+    params, ref_params = leaves(init), leaves(init)
+    opt, ref = fused_optim.NAdam(params, **kwargs), torch.optim.NAdam(ref_params, foreach=False, **kwargs)
+    for step in range(3):
+        set_grads(params, ref_params, step, 0)
+        opt.step()
+        ref.step()
+        assert_same(opt, ref, params, ref_params, TOL, f"after step {step + 1}")

@@ -143,7 +143,7 @@ class PlansMixin:
             seg = cache.segments.get(key)
             same = (
                 seg is not None
-                and not self._tracker.dirty
+                and (not self._tracker.dirty or self._still_placed(seg, group))
                 and cache.signature == signature
                 and len(seg.members) == len(positions)
                 and all(m is params[i] for m, i in zip(seg.members, positions))
@@ -159,6 +159,16 @@ class PlansMixin:
         cache.norm_classes = list(dict.fromkeys(map(_dtensor.norm_class, params)))
         cache.signature = signature
         cache.plan = None
+
+    def _still_placed(self, seg: Segment, group) -> bool:
+        """After a write into the state (the tracker is dirty): whether ``seg``'s flat buffers still
+        hold the truth, every member's state showing the views the segment placed there (other
+        keys may have come and gone), and step counts living where they did. Then the segment is
+        kept, and tensors fetched from the state stay live (and shared, after ``share_memory()``)."""
+        return seg.device_step == self._device_steps(group) and all(
+            all(dict.get(self.state.get(m) or {}, k) is v for k, v in placed.items())
+            for m, placed in zip(seg.members, seg.placed)
+        )
 
     def _new_segment(self, place: tuple[int, int], group, key, members, positions) -> Segment:
         """A segment whose flat state starts from what ``self.state`` (or a checkpoint being loaded)
@@ -212,11 +222,10 @@ class PlansMixin:
                     self._init_region(group, k, region, p)
             for k, initial in self._initial_scalars(group).items():
                 scalar_values[k].append(as_float(source[k]) if k in source else initial)
-            new = ParamState(tracker)
-            for k in self._scalar_state:
-                dict.__setitem__(new, k, seg.scalars[k][i])
-            for k, v in seg.state_items(i):
-                dict.__setitem__(new, k, v)
+            placed = {k: seg.scalars[k][i] for k in self._scalar_state}
+            placed.update(seg.state_items(i))
+            seg.placed.append(placed)
+            new = ParamState(tracker, placed)
             replaced = {name for k in key_dtypes for name in (k, f"{k}_codes", f"{k}_scales")}
             for k, v in old.items():  # keep keys this configuration does not use
                 if k not in new and k not in replaced:

@@ -126,6 +126,7 @@ class Segment:
         # factored second moments; None where a member has no such state) own their layout:
         # key -> (offsets, shapes), contiguous regions.
         self.own_layout = {}
+        self.placed: list[dict] = []  # per member: the entries ``_plans._new_segment`` put in its state
         sizes = dict.fromkeys(key_dtypes, total)
         for k in key_dtypes:
             shapes = [

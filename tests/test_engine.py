@@ -222,6 +222,35 @@ def test_replaced_state_entries_are_used(device):
     assert_same(opt, ref, params, ref_params, TOL, "after resetting the state")
 
 
+def test_state_writes_leave_untouched_segments_live(device):
+    """A write into the state that replaces none of a segment's entries (a key of the user's own;
+    another group's entry replaced) keeps that segment's buffers: tensors fetched before stay the
+    live ones, and after ``share_memory()`` stay shared. A replaced entry's segment is rebuilt."""
+    groups = [{"params": leaves(random_tensors(SHAPES[:2], torch.float32, g, device))} for g in range(2)]
+    ref_groups = [{"params": leaves([p.detach() for p in g["params"]])} for g in groups]
+    opt = fused_optim.Adagrad(groups, lr=0.1)
+    ref = torch.optim.Adagrad(ref_groups, lr=0.1, foreach=False)
+    opt.share_memory()
+    params = [p for g in groups for p in g["params"]]
+    ref_params = [p for g in ref_groups for p in g["params"]]
+    held = [opt.state[p]["sum"] for p in params]
+    for step in range(4):
+        set_grads(params, ref_params, step, 0)
+        if step == 1:
+            opt.state[params[0]]["mine"] = torch.tensor(7.0)
+            ref.state[ref_params[0]]["mine"] = torch.tensor(7.0)
+        if step == 2:  # the second group's segment is rebuilt around the new tensor
+            for o, ps in ((opt, params), (ref, ref_params)):
+                o.state[ps[3]]["sum"] = torch.full_like(ps[3], 0.5)
+        opt.step()
+        ref.step()
+        assert_same(opt, ref, params, ref_params, TOL, f"after step {step + 1}")
+    for i, p in enumerate(params[:2]):  # the first group's segment was never rebuilt
+        assert opt.state[p]["sum"] is held[i] and held[i].is_shared(), i
+    assert opt.state[params[0]]["mine"].item() == 7.0
+    assert opt.state[params[2]]["sum"] is not held[2]
+
+
 def test_bad_grad_in_a_later_group_changes_nothing(device):
     a = torch.randn(10, device=device, requires_grad=True)
     b = torch.randn(10, device=device, requires_grad=True)

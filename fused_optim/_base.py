@@ -243,7 +243,7 @@ class FusedOptimizer(PlansMixin, FeaturesMixin, ChecksMixin, FallbackMixin, Opti
             self.state = TrackedState(tracker, self.state)
         self._caches: dict = {}  # group index -> GroupCache
         self._amp_steps = getattr(self, "_amp_steps", False)  # AMP moved step counts to the device
-        self._pending_clip = None  # (max_norm, total norm) from clip_grad_norm_, for the next step
+        self._pending_clip = None  # (coefficient, the grads it is for) from clip_grad_norm_, for the next step
         self._loaded = getattr(self, "_loaded", {})  # id(param) -> its state as saved (dtypes kept), while loading
         self._step_count = getattr(self, "_step_count", 0)  # seeds stochastic rounding
         self._graph_launches = getattr(self, "_graph_launches", {})  # what captured graphs read: kept alive
@@ -329,6 +329,8 @@ class FusedOptimizer(PlansMixin, FeaturesMixin, ChecksMixin, FallbackMixin, Opti
         if found_inf is not None and bool(found_inf):  # as GradScaler skips the reference's step()
             self._pending_clip = None
             return loss
+        for group in self.param_groups:  # before advance() reads them
+            self._check_options(group)
         advanced = [advance(group) for group in self.param_groups]
         self._group_scalars = {id(group): scalars for group, (scalars, _) in zip(self.param_groups, advanced)}
         try:

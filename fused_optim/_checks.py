@@ -65,12 +65,21 @@ class ChecksMixin:
             raise NotImplementedError(f"fused_optim.{name} does not implement differentiable=True")
         if group.get("capturable") and "capturable" not in inspect.signature(type(self).__init__).parameters:
             raise NotImplementedError(f"fused_optim.{name} does not implement capturable=True")
-        if group.get("capturable"):
-            # lr is read by the kernels; other hyperparameters are read on the host, which a tensor
-            # on an accelerator would turn into a sync (and a failed CUDA graph capture)
-            for key, value in group.items():
-                values = value if isinstance(value, (tuple, list)) and key != "params" else (value,)
-                if key != "lr" and any(isinstance(v, torch.Tensor) and v.device.type != "cpu" for v in values):
+        capturable = group.get("capturable")
+        for key, value in group.items():
+            if key == "params":
+                continue
+            many = isinstance(value, (tuple, list))
+            for j, v in enumerate(value if many else (value,)):
+                if not isinstance(v, torch.Tensor):
+                    continue
+                if v.numel() != 1:  # torch's check, made here for every group before any param changes
+                    raise ValueError(
+                        f"Tensor {key}[{j}] must be 1-element" if many else f"Tensor {key} must be 1-element"
+                    )
+                # lr is read by the kernels; other hyperparameters are read on the host, which a
+                # tensor on an accelerator would turn into a sync (and a failed CUDA graph capture)
+                if capturable and key != "lr" and v.device.type != "cpu":
                     raise NotImplementedError(
                         f"fused_optim.{name} with capturable=True takes {key} as floats or CPU tensors, "
                         "not as tensors on an accelerator (only lr may be one)"
@@ -100,6 +109,11 @@ class ChecksMixin:
                 )
             if self._quantizes(p):
                 self._check_quantizable(p, where)
+            if p.is_complex() and self.options["state_dtype"] == torch.bfloat16:
+                raise NotImplementedError(
+                    f"fused_optim.{name}: state_dtype=torch.bfloat16 for complex params ({where}): torch has no "
+                    "complex bf16 view of them"
+                )
             if self.options["stochastic_rounding"] and p.dtype == torch.float16:
                 raise NotImplementedError(
                     f"fused_optim.{name}: stochastic_rounding rounds to bfloat16; {where} is float16 "

@@ -10,6 +10,7 @@ DTensor params).
 from __future__ import annotations
 
 import math
+import weakref
 import zlib
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -114,31 +115,50 @@ class FeaturesMixin:
         """Clip the global norm of every grad of this optimizer, as
         ``torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type)`` would, and return the total
         norm (a tensor, never read on the host). The grads are not modified: the next ``step()``
-        multiplies them by ``min(max_norm / (total_norm + 1e-6), 1)`` inside its kernels, so call it
-        right before ``step()`` (``zero_grad()`` drops it). ``norm_type``: 2.0 or inf."""
-        total = self._total_norm(self._plans(), norm_type, None)
+        multiplies them by ``min(max_norm / (total_norm + 1e-6), 1)`` inside its kernels, if they
+        are still the same grads (``zero_grad()``, new grads or grads changed in place drop it); a
+        second call before it measures and clips the grads as the first left them, as torch's
+        would. ``norm_type``: 2.0 or inf."""
+        _check_norm_type(norm_type)
+        work = self._plans()
+        pending = self._pending_coef(work)
+        total = self._total_norm(work, norm_type, None)
+        if pending is not None:
+            total = total * pending  # the norm of the grads as clipped so far
         if error_if_nonfinite and torch.logical_or(total.isnan(), total.isinf()):
             raise RuntimeError(
                 f"The total norm of order {float(norm_type)} for gradients from `parameters` is non-finite, so it "
                 "cannot be clipped. To disable this error and scale the gradients by the non-finite norm "
                 "anyway, set `error_if_nonfinite=False`"
             )
-        self._pending_clip = (float(max_norm), total)
+        coef = _coefficient(float(max_norm), total, pending)
+        grads = [g for _, gs, _, _ in work for g in gs if g is not None]
+        self._pending_clip = (coef, [(weakref.ref(g), g._version) for g in grads])
         return total
 
-    def _clip_coef(self, work, grad_scale) -> torch.Tensor | None:
-        if self.max_grad_norm is not None:
-            max_norm, total = self.max_grad_norm, self._total_norm(work, 2.0, grad_scale)
-        elif self._pending_clip is not None:
-            max_norm, total = self._pending_clip
-        else:
+    def _pending_coef(self, work) -> torch.Tensor | None:
+        """The coefficient of the ``clip_grad_norm_`` calls since the last step, if the grads are
+        still the very tensors it measured, unchanged since (else torch's clip would have scaled
+        other grads: it is dropped)."""
+        if self._pending_clip is None:
             return None
-        return torch.clamp(max_norm / (total + 1e-6), max=1.0)  # torch.nn.utils.clip_grad_norm_'s coefficient
+        coef, seen = self._pending_clip
+        grads = [g for _, gs, _, _ in work for g in gs if g is not None]
+        if len(grads) != len(seen) or any(ref() is not g or g._version != v for (ref, v), g in zip(seen, grads)):
+            self._pending_clip = None
+            return None
+        return coef
+
+    def _clip_coef(self, work, grad_scale) -> torch.Tensor | None:
+        pending = self._pending_coef(work)
+        if self.max_grad_norm is None:
+            return pending
+        total = self._total_norm(work, 2.0, grad_scale)
+        return _coefficient(self.max_grad_norm, total if pending is None else total * pending, pending)
 
     def _total_norm(self, work, norm_type: float, grad_scale) -> torch.Tensor:
         """Global grad norm over every segment: one reduction launch per segment, combined on the device."""
-        if norm_type not in (2.0, math.inf):
-            raise NotImplementedError(f"fused_optim clips by the 2-norm or the inf-norm, not norm_type={norm_type}")
+        _check_norm_type(norm_type)
         inf = norm_type == math.inf
         parts: dict = defaultdict(list)  # norm class -> partial norms (None: needs no reduction across ranks)
         torch_norms = []  # per-tensor norms as torch computes them, for grads outside the kernels
@@ -218,3 +238,15 @@ class FeaturesMixin:
             totals.append(value.to(device))
         stacked = torch.stack(totals)
         return stacked.amax() if inf else stacked.sum().sqrt()
+
+
+def _check_norm_type(norm_type: float) -> None:
+    if norm_type not in (2.0, math.inf):
+        raise NotImplementedError(f"fused_optim clips by the 2-norm or the inf-norm, not norm_type={norm_type}")
+
+
+def _coefficient(max_norm: float, total: torch.Tensor, pending: torch.Tensor | None) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_'s coefficient for grads of norm ``total``, after the clips
+    ``pending`` already stands for."""
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    return coef if pending is None else coef * pending

@@ -212,6 +212,12 @@ class PlansMixin:
                 region = seg.region(i, k)
                 if isinstance(src, tuple):  # 8-bit codes and scales into a wider state
                     src = dequantize(*src, CODES[k])
+                if (
+                    k == "master_param"
+                    and src is not None
+                    and not torch.equal(_dtensor.local(src).to(p.dtype), _dtensor.local(p))
+                ):
+                    src = None  # stale: the param moved on without it (trained by torch, or without master weights)
                 if src is not None:
                     region.copy_(_dtensor.real(src.to_dense() if src.layout != torch.strided else src))
                 elif k == "master_param":

@@ -4,9 +4,11 @@ on identical random inputs, comparing params and every state key after every ste
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 # Shapes: odd sizes, a tensor spanning several 1024-element blocks, 0-dim, empty and size-1.
 SHAPES = [(7, 13), (2500,), (3, 4, 5), (), (0,), (1, 1), (33, 65), (1,)]
@@ -152,3 +154,74 @@ def one_rank_mesh(device: torch.device):
         yield DeviceMesh(device.type, [0])
     finally:
         dist.destroy_process_group()
+
+
+def clip_side_by_side(opt, ref, params, ref_params, check, max_norm: float = 0.7, steps: int = 3) -> None:
+    """``opt`` (made with ``max_grad_norm=max_norm``) against the reference stepped on grads
+    clipped by ``torch.nn.utils.clip_grad_norm_``; ``check(where)`` after every step."""
+    for step in range(steps):
+        set_grads(params, ref_params, step, 1)
+        torch.nn.utils.clip_grad_norm_([q for q in ref_params if q.grad is not None], max_norm)
+        opt.step()
+        ref.step()
+        check(f"after step {step + 1}")
+
+
+def bf16_states_side_by_side(opt, ref, params, ref_params, check, steps: int = 4) -> None:
+    """``opt`` with bf16 states against the reference in fp32 with every state tensor rounded to
+    bf16 after every step (what storing it in bf16 does); ``check(where)`` after every step."""
+    for step in range(steps):
+        set_grads(params, ref_params, step, 0)
+        opt.step()
+        ref.step()
+        with torch.no_grad():
+            for q in ref_params:
+                for value in ref.state[q].values():
+                    value.copy_(value.bfloat16().float())
+        check(f"after step {step + 1}")
+
+
+class NoHostReads(TorchFunctionMode):
+    """Fails on anything that reads a tensor's value on the host (a sync on a GPU)."""
+
+    BLOCKED = frozenset({"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy"})
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in self.BLOCKED:
+            raise AssertionError(f"host read of a tensor value: {func.__name__}")
+        return func(*args, **(kwargs or {}))
+
+
+def bf16_neighbours(exact: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bf16 values just below and just above each element of ``exact`` (equal when exact is one)."""
+    nearest = exact.bfloat16()
+    down = torch.nextafter(nearest, torch.full_like(nearest, -math.inf))
+    up = torch.nextafter(nearest, torch.full_like(nearest, math.inf))
+    lo = torch.where(nearest.double() <= exact, nearest, down).double()
+    hi = torch.where(nearest.double() >= exact, nearest, up).double()
+    return lo, hi
+
+
+def assert_rounded_stochastically(mine: torch.Tensor, fp32: torch.Tensor, what: str = "") -> None:
+    """Every element of the bf16 ``mine`` is one of the two bf16 neighbours of ``fp32``, not always
+    the nearest one (round-to-nearest would pass the rest), and on average (in ulps) neither is
+    favoured: within five standard errors of zero."""
+    fp32, mine = fp32.double(), mine.double()
+    lo, hi = bf16_neighbours(fp32)
+    assert torch.all((mine == lo) | (mine == hi)), what
+    assert (mine != fp32.bfloat16().double()).any(), f"{what}: every element rounded to nearest"
+    bias = ((mine - fp32) / (hi - lo).clamp_min(1e-30)).mean().item()  # in ulps; unbiased around 0
+    assert abs(bias) < 5 * 0.5 / math.sqrt(mine.numel()), (what, bias)
+
+
+def stochastic_rounding_side_by_side(make, make_ref, device, n: int = 4096) -> None:
+    """One step of ``make(params)`` (stochastic rounding on bf16 params) against ``make_ref`` on
+    fp32 copies of the same params and grads: ``assert_rounded_stochastically``."""
+    init = random_tensors([(n,)], torch.bfloat16, 5, device)
+    params, exact = leaves(init), leaves([t.float() for t in init])
+    opt, ref = make(params), make_ref(exact)
+    grads = random_tensors([(n,)], torch.bfloat16, 6, device)
+    params[0].grad, exact[0].grad = grads[0], grads[0].float()
+    opt.step()
+    ref.step()
+    assert_rounded_stochastically(params[0].detach(), exact[0].detach())

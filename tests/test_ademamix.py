@@ -18,21 +18,30 @@ import torch
 
 import fused_optim
 from fused_optim.ademamix import schedule_alpha, schedule_beta3
-from parity import SHAPES, TOL, Config, close, leaves, one_rank_mesh, random_tensors, set_grads
+from parity import (
+    SHAPES,
+    TOL,
+    Config,
+    NoHostReads,
+    bf16_states_side_by_side,
+    clip_side_by_side,
+    close,
+    leaves,
+    one_rank_mesh,
+    random_tensors,
+    set_grads,
+    stochastic_rounding_side_by_side,
+)
 from references import (
     BF16_STATES,
     EXACT,
     FUSED_FMA,
     RUN,
-    NoHostReads,
-    bf16_states_side_by_side,
-    clip_side_by_side,
     compare,
     correctly_rounded_sqrt,
     grad_scale_arguments_side_by_side,
     grad_scaler_side_by_side,
     side_by_side,
-    stochastic_rounding_side_by_side,
 )
 
 # torch's CUDA kernels divide by a CPU scalar as a product with its reciprocal (the bias corrections):

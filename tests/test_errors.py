@@ -93,3 +93,45 @@ def test_duplicate_params_raise(device):
     p.grad = torch.randn_like(p)
     with pytest.raises(NotImplementedError, match="same parameter twice"):
         opt.step()
+
+
+@pytest.mark.parametrize("name", ["Adam", "StableAdamW"])
+def test_a_tensor_hyperparameter_of_several_elements_in_a_later_group_changes_nothing(name, device):
+    """torch refuses a tensor lr or beta of more than one element at construction; set on a group
+    afterwards, step() raises torch's error for it before any group's params or counters move."""
+    a, b = (torch.ones(4, device=device, requires_grad=True) for _ in range(2))
+    opt = getattr(fused_optim, name)([{"params": [a]}, {"params": [b]}], lr=0.1)
+    for p in (a, b):
+        p.grad = torch.ones(4, device=device)
+    opt.step()
+
+    def first_group():
+        return {k: v for k, v in opt.param_groups[0].items() if k != "params"}
+
+    before = [a.detach().clone(), first_group()]
+    for key, value, message in (
+        ("lr", torch.tensor([0.1, 0.2]), "Tensor lr must be 1-element"),
+        ("betas", (torch.tensor([0.9, 0.8]), 0.99), r"Tensor betas\[0\] must be 1-element")
+        if name == "Adam"
+        else ("beta1", torch.tensor([0.9, 0.8]), "Tensor beta1 must be 1-element"),
+    ):
+        kept, opt.param_groups[1][key] = opt.param_groups[1][key], value
+        with pytest.raises(ValueError, match=message):
+            opt.step()
+        opt.param_groups[1][key] = kept
+        assert (
+            torch.equal(a, before[0]) and {k: v for k, v in opt.param_groups[0].items() if k != "params"} == before[1]
+        )
+    if name == "Adam":
+        with pytest.raises(ValueError, match="Tensor lr must be 1-element"):
+            torch.optim.Adam([a], lr=torch.tensor([0.1, 0.2]))
+
+
+def test_complex_params_with_bf16_states_are_refused(device):
+    p = torch.randn(4, dtype=torch.complex64, device=device, requires_grad=True)
+    opt = fused_optim.Adam([p], lr=0.1, state_dtype=torch.bfloat16)
+    p.grad = torch.randn_like(p)
+    before = p.detach().clone()
+    with pytest.raises(NotImplementedError, match=r"state_dtype=torch\.bfloat16 for complex params"):
+        opt.step()
+    assert torch.equal(p, before) and not opt.state

@@ -8,19 +8,27 @@ import pytest
 import torch
 
 import fused_optim
-from parity import SHAPES, Config, close, leaves, one_rank_mesh, random_tensors, set_grads
+from parity import (
+    SHAPES,
+    Config,
+    bf16_states_side_by_side,
+    clip_side_by_side,
+    close,
+    leaves,
+    one_rank_mesh,
+    random_tensors,
+    set_grads,
+    stochastic_rounding_side_by_side,
+)
 from references import (
     BF16_STATES,
     EXACT,
     FUSED_FMA,
     RUN,
-    bf16_states_side_by_side,
-    clip_side_by_side,
     compare,
     grad_scale_arguments_side_by_side,
     grad_scaler_side_by_side,
     side_by_side,
-    stochastic_rounding_side_by_side,
 )
 
 Reference = lion_pytorch.Lion

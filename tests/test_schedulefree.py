@@ -13,8 +13,21 @@ import fused_optim
 import fused_optim.schedulefree
 from fused_optim import ScheduleFreeAdamW
 from fused_optim.kernels._tables import record_launches
-from parity import SHAPES, TOL, Config, assert_same, close, leaves, one_rank_mesh, param_arg, random_tensors, set_grads
-from references import assert_rounded_stochastically, bf16_states_side_by_side, grad_scaler_side_by_side
+from parity import (
+    SHAPES,
+    TOL,
+    Config,
+    assert_rounded_stochastically,
+    assert_same,
+    bf16_states_side_by_side,
+    close,
+    leaves,
+    one_rank_mesh,
+    param_arg,
+    random_tensors,
+    set_grads,
+)
+from references import grad_scaler_side_by_side
 
 schedulefree = pytest.importorskip("schedulefree")
 Reference = schedulefree.AdamWScheduleFree

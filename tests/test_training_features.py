@@ -11,8 +11,18 @@ import torch
 
 import fused_optim
 from algorithms import EVERY_ALGORITHM, everything
-from parity import SHAPES, TOL, assert_same, close, leaves, random_tensors, set_grads
-from references import NoHostReads, clip_side_by_side, stochastic_rounding_side_by_side
+from parity import (
+    SHAPES,
+    TOL,
+    NoHostReads,
+    assert_same,
+    clip_side_by_side,
+    close,
+    leaves,
+    random_tensors,
+    set_grads,
+    stochastic_rounding_side_by_side,
+)
 
 RUN = TOL[torch.float32][1]
 NAMES = EVERY_ALGORITHM
@@ -162,6 +172,49 @@ def test_zero_grad_drops_a_pending_clip(device):
     assert_same(opt, ref, params, ref_params, RUN, "after zero_grad dropped the clip")
 
 
+def test_clips_compose_as_torchs_do(device):
+    """Two ``clip_grad_norm_`` calls before a step, and one with ``max_grad_norm`` set: each clip
+    measures the grads as the clips before it left them (torch clips them in place), so the
+    second call returns the clipped norm and the step uses both coefficients."""
+    for two_calls in (True, False):
+        opt, ref, params, ref_params = _pair("SGD", device, **({} if two_calls else {"max_grad_norm": 0.3}))
+        for step in range(3):
+            set_grads(params, ref_params, step, 4)
+            with_grads = [q for q in ref_params if q.grad is not None]
+            ours = [opt.clip_grad_norm_(1.0), *([opt.clip_grad_norm_(0.5)] if two_calls else [])]
+            theirs = [torch.nn.utils.clip_grad_norm_(with_grads, 1.0)]
+            theirs.append(torch.nn.utils.clip_grad_norm_(with_grads, 0.5 if two_calls else 0.3))
+            for a, b in zip(ours, theirs):
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=0, msg=f"norm at step {step + 1}")
+            opt.step()
+            ref.step()
+            assert_same(opt, ref, params, ref_params, RUN, f"{'two clips' if two_calls else 'max_grad_norm'} {step}")
+
+
+@pytest.mark.parametrize("clear", ["new grads", "in place"])
+def test_a_clip_is_dropped_when_its_grads_are(device, clear):
+    """A clip whose grads are replaced without the optimizer's ``zero_grad()`` (a skipped step,
+    then ``model.zero_grad()`` and a new backward) is not applied to the new grads: torch's clip
+    scaled the old ones."""
+    opt, ref, params, ref_params = _pair("Adam", device)
+    set_grads(params, ref_params, 0, 0)
+    assert opt.clip_grad_norm_(1e-3) > 0
+    for p, q in zip(params, ref_params):
+        if clear == "new grads":
+            p.grad = q.grad = None
+        elif p.grad is not None:
+            p.grad.zero_()
+    for p, q, g in zip(params, ref_params, random_tensors(SHAPES, torch.float32, 7, device)):
+        if clear == "new grads":
+            p.grad, q.grad = g.clone(), g.clone()
+        elif p.grad is not None:
+            p.grad.add_(g)
+            q.grad = p.grad.clone()
+    opt.step()
+    ref.step()
+    assert_same(opt, ref, params, ref_params, RUN, f"after the clip's grads were cleared ({clear})")
+
+
 # --- master weights, state dtype ------------------------------------------------------------------
 @pytest.mark.parametrize("name", NAMES)
 def test_master_weights_follow_torch_on_fp32_copies(name, device):
@@ -206,6 +259,34 @@ def test_master_weights_state_dict_keeps_dtypes_and_loads_into_torch(device, tmp
     theirs = torch.optim.AdamW(leaves([p.detach() for p in params]))
     theirs.load_state_dict(torch.load(tmp_path / "optim.pt"))  # torch casts to bf16, ignores master_param
     assert theirs.state[theirs.param_groups[0]["params"][0]]["exp_avg"].dtype == torch.bfloat16
+
+
+def test_a_stale_master_copy_in_a_checkpoint_starts_again_from_the_param(device):
+    """A checkpoint whose ``master_param`` no longer rounds to the param (torch.optim, which carries
+    it along unused, trained the params in between) starts the master from the param: the first
+    step does not throw that training away."""
+    init = random_tensors(SHAPES, torch.bfloat16, 0, device)
+    params = leaves(init)
+    opt = fused_optim.AdamW(params, lr=0.1, master_weights=True)
+    torch_opt = torch.optim.AdamW(params, lr=0.1, foreach=False)
+    for step, o in enumerate([opt, opt, "load", torch_opt, torch_opt]):
+        if o == "load":
+            torch_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+            continue
+        for p, g in zip(params, random_tensors(SHAPES, torch.bfloat16, 30 + step, device)):
+            p.grad = g
+        o.step()
+    trained = [p.detach().clone() for p in params]
+    again = fused_optim.AdamW(params, master_weights=True)
+    again.load_state_dict(copy.deepcopy(torch_opt.state_dict()))
+    for group in again.param_groups:
+        group["lr"] = 0.0  # a step that moves nothing
+    for p in params:
+        p.grad = torch.ones_like(p)
+    again.step()
+    for i, (p, t) in enumerate(zip(params, trained)):
+        assert torch.equal(p, t), i
+        assert torch.equal(again.state[p]["master_param"], t.float()), i
 
 
 @pytest.mark.parametrize("name", ["Adam", "RMSprop", "NAdam", "Adagrad"])

@@ -21,6 +21,11 @@ ends, so a call cut short keeps what ran, and ``--parts`` reruns only some:
 ``--dry-run`` runs every part on CPU through Triton's interpreter on tiny sizes (CI does, so the
 script cannot fail on the GPU for a reason visible here). Each part runs in a subprocess with a
 time limit (``--budget`` seconds in all, split as ``BUDGET``).
+
+The GPU machine has no package registry: the reference packages some tests compare against
+(lion-pytorch, pytorch_optimizer, torch-optimi, schedulefree; pure Python) travel with the working
+tree when ``--stage-deps`` has copied them into ``.gpu_deps/`` (git-ignored; carry it), which the
+parts then find on ``PYTHONPATH``. Without them those test modules are skipped.
 """
 
 from __future__ import annotations
@@ -36,9 +41,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+DEPS = ROOT / ".gpu_deps"  # the tests' reference packages, staged by --stage-deps
+REFERENCE_PACKAGES = ("lion_pytorch", "pytorch_optimizer", "optimi", "schedulefree")
 PARTS = ("toolchain", "tests", "large", "bench", "summary")
 BUDGET = {"toolchain": 0.07, "tests": 0.42, "large": 0.1, "bench": 0.39, "summary": 0.02}  # shares of --budget
-WORKLOADS = ("sizes", "algorithms", "counts", "host", "features", "models", "muon")  # what most targets need first
+TOOLCHAIN_FLOOR = 60  # seconds: torch and CUDA start, and the native reads compile (about 10 s on 2 cores)
+# the cheap workloads that feed most targets first: the per-algorithm speedups, the host time
+WORKLOADS = ("algorithms", "host", "sizes", "counts", "features", "models", "muon")
 DRY_TESTS = ["tests/test_launches.py", "-k", "capture or guard"]  # the suite itself runs in CI anyway
 DRY_WORKLOADS = ("algorithms", "host")  # the runner's every workload is smoke-tested in CI
 
@@ -46,6 +55,8 @@ DRY_WORKLOADS = ("algorithms", "host")  # the runner's every workload is smoke-t
 def _env(dry_run: bool) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONUNBUFFERED"] = "1"
+    if DEPS.is_dir():
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(DEPS), env.get("PYTHONPATH")]))
     if dry_run:  # really on CPU, also on a GPU machine
         env["TRITON_INTERPRET"] = "1"
         env["CUDA_VISIBLE_DEVICES"] = ""
@@ -66,11 +77,40 @@ def _run(cmd: list[str], timeout: float, dry_run: bool, log: Path) -> tuple[int,
             out, _ = proc.communicate(timeout=max(timeout, 1))
             code = proc.returncode
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            out, _ = proc.communicate()
+            os.killpg(proc.pid, signal.SIGINT)  # pytest then prints its summary of what ran
+            try:
+                out, _ = proc.communicate(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                out, _ = proc.communicate()
             out, code = out + f"\n[timed out after {timeout:.0f} s]\n", 124
         f.write(out)
+    _clear_build_locks()
     return code, "\n".join(out.strip().splitlines()[-12:])
+
+
+def _clear_build_locks() -> None:
+    """torch's extension builder waits forever on a build lock that a killed process left; parts
+    run one at a time, so a lock still there when one ends is stale (fused_optim/_native.py)."""
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+    for lock in root.glob("*/fused_optim_native_*/lock"):
+        lock.unlink(missing_ok=True)
+
+
+def stage_deps() -> str:
+    """Copy the installed reference packages into ``.gpu_deps/`` (run where they are installed)."""
+    import shutil
+
+    DEPS.mkdir(exist_ok=True)
+    staged = []
+    for name in REFERENCE_PACKAGES:
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        shutil.copytree(Path(next(iter(spec.submodule_search_locations))), DEPS / name, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+        staged.append(name)
+    return f"staged in {DEPS}: {', '.join(staged) or 'nothing'}"
 
 
 # --- parts ----------------------------------------------------------------------------------------
@@ -84,7 +124,9 @@ def part_toolchain(args, timeout: float) -> tuple[bool, str]:
         "from fused_optim import _native; "
         "print('native reads:', 'built' if _native.module() is not None else 'NOT built: ' + _native.reason)"
     )
-    rc, tail = _run([sys.executable, "-c", code], timeout, args.dry_run, args.log)
+    rc, tail = _run([sys.executable, "-c", code], max(timeout, TOOLCHAIN_FLOOR), args.dry_run, args.log)
+    if "native reads: built" not in tail:  # later parts take the Python reads rather than build again
+        os.environ["FUSED_OPTIM_NATIVE"] = "0"
     return rc == 0, tail
 
 
@@ -94,7 +136,8 @@ def part_tests(args, timeout: float) -> tuple[bool, str]:
     extra = ["-n", "8"] if not args.dry_run and importlib.util.find_spec("xdist") else []
     if importlib.util.find_spec("pytest_timeout"):
         extra += ["--timeout=150"]
-    cmd = [sys.executable, "-m", "pytest", "-q", "--maxfail=30", "-p", "no:cacheprovider", "-rs", "--durations=15"]
+    # -v: each result as it comes (xdist's lines), so a part cut short still says what failed
+    cmd = [sys.executable, "-m", "pytest", "-v", "--maxfail=30", "-p", "no:cacheprovider", "-rs", "--durations=15"]
     cmd += [*extra, *select]
     rc, tail = _run(cmd, timeout, args.dry_run, args.log)
     return rc == 0, tail
@@ -152,6 +195,7 @@ def part_bench(args, timeout: float) -> tuple[bool, str]:
             continue
         extra = [] if i == 0 else ["--no-parity"]  # parity with torch.optim once, with the first workload
         extra += ["--no-compile"]  # no target needs torch.compile, whose cold compiles would eat the budget
+        extra += ["--no-plots"]  # at most 8 files come back from the device machine
         cmd = [sys.executable, "-m", "benchmarks", "--workloads", workload, "--out", str(args.out), *quick, *extra]
         rc, _ = _run(cmd, left, args.dry_run, args.log)
         lines.append(f"{workload}: {'done' if rc == 0 else f'failed ({rc})'}")
@@ -253,12 +297,18 @@ def targets(rows: list[dict]) -> list[str]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("--out", type=Path, required=True, help="folder for the log, parts.json and results")
+    parser.add_argument("--out", type=Path, help="folder for the log, parts.json and results (required)")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     parser.add_argument("--budget", type=float, default=480.0, help="seconds for all parts together")
     parser.add_argument("--quick", action="store_true", help="the benchmarks' quick points")
     parser.add_argument("--dry-run", action="store_true", help="every part on CPU, tiny, through the interpreter")
+    parser.add_argument("--stage-deps", action="store_true", help="copy the reference packages to .gpu_deps, exit")
     args = parser.parse_args(argv)
+    if args.stage_deps:
+        print(stage_deps())
+        return 0
+    if args.out is None:
+        parser.error("--out is required")
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     args.log = args.out / "log.txt"

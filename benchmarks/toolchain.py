@@ -4,11 +4,12 @@ Triton assembles kernels with a ptxas it bundles (CUDA 13 for Triton 3.9); a dri
 ptxas refuses the image ("the provided PTX was compiled with an unsupported toolchain"), and
 every kernel fails at its first launch. ``check()`` compares the driver's CUDA version with the
 ptxas Triton would run for the device and, when that ptxas is newer, points Triton at one the
-driver accepts (``TRITON_PTXAS_PATH``, and ``TRITON_PTXAS_BLACKWELL_PATH`` that Triton >= 3.5
-reads for sm_90 and newer): the newest one the driver accepts among the other ptxas Triton ships
-(Triton 3.9 also carries a CUDA 12 one) and the CUDA toolkit's (``$CUDA_HOME``,
-``/usr/local/cuda*``, ``PATH``). The benchmark runner and the test suite call it on CUDA machines
-before anything compiles; ``python -m benchmarks.toolchain`` prints the decision.
+driver accepts (``TRITON_PTXAS_PATH``, and ``TRITON_PTXAS_BLACKWELL_PATH``, which Triton 3.6
+reads for sm_100 and newer and 3.9 for sm_90 too; both are set): the newest one the driver
+accepts among the other ptxas Triton ships (Triton 3.9 also carries a CUDA 12 one) and the CUDA
+toolkit's (``$CUDA_HOME``, ``/usr/local/cuda*``, ``PATH``). The benchmark runner and the test
+suite call it on CUDA machines before anything compiles; ``python -m benchmarks.toolchain``
+prints the decision.
 """
 
 from __future__ import annotations

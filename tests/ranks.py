@@ -216,9 +216,11 @@ def fsdp2_whole_tensors(name: str, kwargs: dict) -> None:
     orthogonalized; LAMB, LARS: norms added up over the ranks) on FSDP2-sharded params, against
     the same algorithm in one process on whole params with the same grads (FSDP2's, gathered):
     torch.optim's class where it has one, else fused_optim's own (tested against the formulas).
-    The same steps, to fp32 rounding."""
+    The same steps, to fp32 rounding. Every rank joins every whole-tensor gather, its own shard
+    empty or not."""
     torch.manual_seed(0)
-    sizes = [(8, 19), (19, 13), (13, 13), (13, 13), (13, 3)]  # uneven dim-0 shards; one shape twice
+    # uneven dim-0 shards; one shape twice; a matrix of one row, whose shard on rank 1 is empty
+    sizes = [(8, 19), (19, 13), (13, 13), (13, 13), (13, 1), (1, 3)]
     layers = [torch.nn.Linear(i, o, bias=False) for i, o in sizes]
     ref_model = torch.nn.Sequential(*[m for layer in layers for m in (layer, torch.nn.Tanh())][:-1]).to(_device())
     model = fsdp2(copy.deepcopy(ref_model))

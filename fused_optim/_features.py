@@ -132,8 +132,7 @@ class FeaturesMixin:
                 "anyway, set `error_if_nonfinite=False`"
             )
         coef = _coefficient(float(max_norm), total, pending)
-        grads = [g for _, gs, _, _ in work for g in gs if g is not None]
-        self._pending_clip = (coef, [(weakref.ref(g), g._version) for g in grads])
+        self._pending_clip = (coef, [(weakref.ref(g), g._version) for g in _grads(work)])
         return total
 
     def _pending_coef(self, work) -> torch.Tensor | None:
@@ -143,7 +142,7 @@ class FeaturesMixin:
         if self._pending_clip is None:
             return None
         coef, seen = self._pending_clip
-        grads = [g for _, gs, _, _ in work for g in gs if g is not None]
+        grads = _grads(work)
         if len(grads) != len(seen) or any(ref() is not g or g._version != v for (ref, v), g in zip(seen, grads)):
             self._pending_clip = None
             return None
@@ -238,6 +237,11 @@ class FeaturesMixin:
             totals.append(value.to(device))
         stacked = torch.stack(totals)
         return stacked.amax() if inf else stacked.sum().sqrt()
+
+
+def _grads(work) -> list:
+    """Every grad of the plans ``work`` (``_plans``' answer), as the kernels read them."""
+    return [g for _, gs, _, _ in work for g in gs if g is not None]
 
 
 def _check_norm_type(norm_type: float) -> None:

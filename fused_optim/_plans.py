@@ -267,7 +267,7 @@ class PlansMixin:
             if launch.tables is not None:
                 row_of[positions] = np.where(np.isin(positions, list(staged)), -1, np.arange(len(positions)))
         # What every later step compares with (_same_meta): the param shards and dense grads
-        shards = _python_shards(group["params"])[2]
+        shards = list(map(_dtensor.local, group["params"]))
         dense = [i for i, g in enumerate(grads) if is_dense_grad(g)]
         checked = [*shards, *(grads[i] for i in dense)]
         return Plan(
@@ -351,7 +351,7 @@ def _same_meta(plan: Plan, params: list, shards: list | None, grads: list, gkey:
     old = plan.gkey
     if len(gkey) != len(old) or (((old <= 0) | (gkey <= 0)) & (old != gkey)).any():  # -2: none, -1: sparse
         return False
-    shards = _python_shards(params)[2] if shards is None else shards
+    shards = list(map(_dtensor.local, params)) if shards is None else shards
     checked = [*shards, *(grads if plan.dense is None else [grads[i] for i in plan.dense])]
     if plan.guards is not None and plan.guards(*checked):
         return True
